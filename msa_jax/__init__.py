@@ -1,0 +1,15 @@
+"""msa_jax: MiniMax Sparse Attention for JAX (spec: shared/spec/msa.md)."""
+
+from . import dispatch as _dispatch
+from .api import MSAOutput as MSAOutput
+from .api import block_sparse_attention as block_sparse_attention
+from .api import check_block_indices as check_block_indices
+from .api import index_kl_loss as index_kl_loss
+from .api import select_blocks as select_blocks
+from .api import sparse_attention as sparse_attention
+from .config import MSAConfig as MSAConfig
+from .reference import XlaImplementation as _XlaImplementation
+
+__version__ = "0.1.0"
+
+_dispatch.register(_XlaImplementation())

@@ -1,0 +1,329 @@
+"""The public ops. Each: canonicalise arguments -> validate -> dispatch.
+
+Layouts follow `jax.nn.dot_product_attention` (BTNH); the function computed is
+`shared/spec/msa.md` ("the spec"). Every op takes `implementation`: None (fastest available
+for the platform), "xla", "pallas", "cuda", or a sequence tried in order.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from . import autodiff, dispatch, positions as pos_lib, validation
+from .config import CallInfo, MSAConfig, Positions
+
+_sg = jax.lax.stop_gradient
+
+# Dimension letters for dispatch.shard_local: B batch, H heads (sharded alike), others whole.
+_Q, _KV, _IQ, _IK, _BI = "BTHD", "BSHD", "BTHD", "BSD", "BTHK"
+_POS = ("B", "B", "BT")
+
+
+class MSAOutput(NamedTuple):
+    """Result of `sparse_attention`.
+
+    out: [B, T, Hq, D] in q's dtype.
+    kl_loss: float32 scalar, the spec's KL index-alignment loss times kl_coeff.
+    block_indices: int32 [B, T, Hkv, top_k], the index branch's selection.
+    lse: float32 [B, T, Hq], natural-log normaliser of each row (-inf for padding rows).
+    """
+
+    out: jax.Array
+    kl_loss: jax.Array
+    block_indices: jax.Array
+    lse: jax.Array
+
+
+def _prepare(op, q, k, v, index_q, index_k, q_offset, kv_length, segment_ids, implementation, **options):
+    q, k = validation.as_array(q, "q"), validation.as_array(k, "k")
+    v = None if v is None else validation.as_array(v, "v")
+    B, T, S, Hq, Hkv, D = validation.check_qkv(q, k, v)
+    Di, index_dtype = None, None
+    if index_q is not None:
+        index_q = validation.as_array(index_q, "index_q")
+        index_k = validation.as_array(index_k, "index_k")
+        Di = validation.check_index(index_q, index_k, B=B, T=T, S=S, Hkv=Hkv)
+        index_dtype = str(index_q.dtype)
+    q_offset, kv_length, segment_ids = validation.check_positions(
+        q_offset, kv_length, segment_ids, B=B, T=T, S=S
+    )
+    validation.check_implementation(implementation)
+    cfg = MSAConfig(**options)
+    positions = pos_lib.canonicalize(q_offset, kv_length, segment_ids, batch=B, q_len=T, kv_len=S)
+    platform = jax.default_backend()
+    call = CallInfo(op, B, T, S, Hq, Hkv, D, Di, str(q.dtype), index_dtype, segment_ids is not None, cfg, platform)
+    names = dispatch.resolve(implementation, platform)
+    return q, k, v, index_q, index_k, cfg, positions, call, names
+
+
+def _normalise_kl(kl_sum, cfg: MSAConfig, positions: Positions, q_len: int, num_kv_heads: int):
+    """kl_coeff / (Hkv * N) * sum, and 0 when there is no valid query (N = 0)."""
+    n = pos_lib.num_valid_queries(positions, q_len)
+    scale = cfg.kl_coeff / (num_kv_heads * jnp.maximum(n, 1).astype(jnp.float32))
+    return jnp.where(n > 0, kl_sum * scale, 0.0).astype(jnp.float32)
+
+
+def sparse_attention(
+    q,
+    k,
+    v,
+    index_q,
+    index_k,
+    *,
+    top_k: int = 16,
+    block_size: int = 128,
+    mode: str = "sparse",
+    q_offset=None,
+    kv_length=None,
+    segment_ids=None,
+    softmax_scale: float | None = None,
+    index_softmax_scale: float | None = None,
+    kl_coeff: float = 1.0,
+    implementation=None,
+) -> MSAOutput:
+    """MiniMax Sparse Attention: index branch, block selection, main branch and KL loss.
+
+    Args:
+      q: [B, T, Hq, D] float (bf16, fp16 or fp32).
+      k, v: [B, S, Hkv, D], q's dtype; Hq must be a multiple of Hkv (G = Hq // Hkv).
+      index_q: [B, T, Hkv, Di], one index query head per GQA group.
+      index_k: [B, S, Di], one index key head shared by all groups; index_q's dtype.
+      top_k: blocks kept per (query, group), the query's own (local) block included.
+      block_size: keys per block.
+      mode: "sparse", or "dense" for the indexer warm-up (attention and KL over every
+        visible key; `block_indices` still reports the selection).
+      q_offset: None (= kv_length - T; 0 with segment_ids), an int, or int32 [B]: key
+        position of query 0. Must lie in [-T, S].
+      kv_length: None (= S), an int, or int32 [B] in [0, S]: keys that exist per row.
+      segment_ids: None or int [B, T] (requires T == S and q_offset None): packed documents,
+        each a contiguous run of equal ids, with positions and block grid restarting there.
+      softmax_scale, index_softmax_scale: None for 1/sqrt(D) and 1/sqrt(Di).
+      kl_coeff: multiplier of the KL loss.
+      implementation: None, "xla", "pallas", "cuda", or a sequence of those tried in order.
+
+    Returns:
+      MSAOutput(out, kl_loss, block_indices, lse). Gradients: out and lse reach q, k, v
+      only; kl_loss reaches index_q and index_k only; block_indices carry none. Padding
+      queries (position < 0 or >= kv_length) give out 0, lse -inf, block_indices -1.
+
+    Raises:
+      TypeError, ValueError: malformed arguments (the message names the argument).
+      NotImplementedError: no requested implementation can serve the call (with reasons).
+    """
+    q, k, v, index_q, index_k, cfg, pos, call, names = _prepare(
+        "sparse_attention", q, k, v, index_q, index_k, q_offset, kv_length, segment_ids, implementation,
+        top_k=top_k, block_size=block_size, mode=mode, softmax_scale=softmax_scale,
+        index_softmax_scale=index_softmax_scale, kl_coeff=kl_coeff,
+    )
+
+    def serve(impl):
+        def body(q, k, v, index_q, index_k, q_offset, kv_length, segment_ids):
+            p = Positions(q_offset, kv_length, segment_ids)
+            bi = impl.select_blocks(_sg(index_q), _sg(index_k), p, cfg)
+            out, lse = autodiff.attention(impl, cfg, q, k, v, bi, *p)
+            kl = autodiff.kl_sum(impl, cfg, _sg(q), _sg(k), index_q, index_k, bi, _sg(lse), *p)
+            return out, lse, bi, kl
+
+        return dispatch.shard_local(
+            body, (q, k, v, index_q, index_k, *pos), (_Q, _KV, _KV, _IQ, _IK, *_POS),
+            (_Q, "BTH", _BI, ""), summed_outputs=(3,),
+        )
+
+    out, lse, bi, kl = dispatch.run("sparse_attention", call, names, serve)
+    kl_loss = _normalise_kl(kl, cfg, pos, q.shape[1], k.shape[2])
+    return MSAOutput(out, kl_loss, bi, lse)
+
+
+def select_blocks(
+    index_q,
+    index_k,
+    *,
+    top_k: int = 16,
+    block_size: int = 128,
+    q_offset=None,
+    kv_length=None,
+    segment_ids=None,
+    index_softmax_scale: float | None = None,
+    implementation=None,
+):
+    """The index branch alone: int32 [B, T, Hkv, top_k] selection rows of the spec.
+
+    Each row holds the chosen non-local blocks by descending max-pooled index score (ties:
+    smaller id first), then the local block, then -1 for unused slots; padding rows are all
+    -1. Arguments as in `sparse_attention` (index_q [B, T, Hkv, Di], index_k [B, S, Di]).
+    No gradient flows through the selection.
+    """
+    index_q = validation.as_array(index_q, "index_q")
+    index_k = validation.as_array(index_k, "index_k")
+    validation.check_rank(index_q, "index_q", 4, "[B, T, Hkv, Di]")
+    validation.check_rank(index_k, "index_k", 3, "[B, S, Di]")
+    B, T, Hkv, _ = index_q.shape
+    S = index_k.shape[1]
+    # The main branch is absent: stand-ins of the right static shape let one validator and
+    # one CallInfo serve all ops (nothing reads their values).
+    q_like = jax.ShapeDtypeStruct((B, T, Hkv, 1), index_q.dtype)
+    k_like = jax.ShapeDtypeStruct((B, S, Hkv, 1), index_q.dtype)
+    _, _, _, index_q, index_k, cfg, pos, call, names = _prepare(
+        "select_blocks", q_like, k_like, None, index_q, index_k, q_offset, kv_length, segment_ids,
+        implementation, top_k=top_k, block_size=block_size, index_softmax_scale=index_softmax_scale,
+    )
+
+    def serve(impl):
+        def body(index_q, index_k, q_offset, kv_length, segment_ids):
+            return (impl.select_blocks(_sg(index_q), _sg(index_k), Positions(q_offset, kv_length, segment_ids), cfg),)
+
+        return dispatch.shard_local(body, (index_q, index_k, *pos), (_IQ, _IK, *_POS), (_BI,))[0]
+
+    return dispatch.run("select_blocks", call, names, serve)
+
+
+def block_sparse_attention(
+    q,
+    k,
+    v,
+    block_indices,
+    *,
+    block_size: int = 128,
+    q_offset=None,
+    kv_length=None,
+    segment_ids=None,
+    softmax_scale: float | None = None,
+    return_lse: bool = False,
+    implementation=None,
+):
+    """The main branch alone: exact softmax attention over the blocks in block_indices.
+
+    Args:
+      q, k, v: as in `sparse_attention`.
+      block_indices: int32 [B, T, Hkv, K], any K >= 1. Each row is a set: order does not
+        matter, -1 and ids outside [0, ceil(S / block_size)) are ignored, causality is
+        applied per key. Duplicate ids violate the contract (see `check_block_indices`).
+      return_lse: also return lse float32 [B, T, Hq].
+
+    Returns:
+      out [B, T, Hq, D] in q's dtype, or (out, lse) if return_lse. Gradients reach q, k, v.
+    """
+    q, k, v, _, _, cfg, pos, call, names = _prepare(
+        "block_sparse_attention", q, k, v, None, None, q_offset, kv_length, segment_ids, implementation,
+        block_size=block_size, softmax_scale=softmax_scale,
+    )
+    block_indices = validation.check_block_indices_shape(block_indices, B=q.shape[0], T=q.shape[1], Hkv=k.shape[2])
+
+    def serve(impl):
+        def body(q, k, v, block_indices, q_offset, kv_length, segment_ids):
+            return autodiff.attention(impl, cfg, q, k, v, block_indices, q_offset, kv_length, segment_ids)
+
+        return dispatch.shard_local(
+            body, (q, k, v, block_indices, *pos), (_Q, _KV, _KV, _BI, *_POS), (_Q, "BTH")
+        )
+
+    out, lse = dispatch.run("block_sparse_attention", call, names, serve)
+    return (out, lse) if return_lse else out
+
+
+def index_kl_loss(
+    q,
+    k,
+    index_q,
+    index_k,
+    block_indices,
+    *,
+    block_size: int = 128,
+    mode: str = "sparse",
+    q_offset=None,
+    kv_length=None,
+    segment_ids=None,
+    softmax_scale: float | None = None,
+    index_softmax_scale: float | None = None,
+    kl_coeff: float = 1.0,
+    implementation=None,
+):
+    """The KL index-alignment loss alone: float32 scalar.
+
+    kl_coeff / (Hkv * N) * sum over valid queries and groups of KL(P || R), where P is the
+    group-mean attention of q over the support (block_indices, or every visible key in
+    "dense" mode) and R the softmax of the index scores over the same support. Gradients
+    reach index_q and index_k only (q and k are the detached teacher).
+    """
+    q, k, _, index_q, index_k, cfg, pos, call, names = _prepare(
+        "index_kl_loss", q, k, None, index_q, index_k, q_offset, kv_length, segment_ids, implementation,
+        block_size=block_size, mode=mode, softmax_scale=softmax_scale,
+        index_softmax_scale=index_softmax_scale, kl_coeff=kl_coeff,
+    )
+    block_indices = validation.check_block_indices_shape(block_indices, B=q.shape[0], T=q.shape[1], Hkv=k.shape[2])
+
+    def serve(impl):
+        def body(q, k, index_q, index_k, block_indices, q_offset, kv_length, segment_ids):
+            p = Positions(q_offset, kv_length, segment_ids)
+            lse = impl.attention_lse(_sg(q), _sg(k), block_indices, p, cfg)
+            return (autodiff.kl_sum(impl, cfg, _sg(q), _sg(k), index_q, index_k, block_indices, lse, *p),)
+
+        return dispatch.shard_local(
+            body, (q, k, index_q, index_k, block_indices, *pos), (_Q, _KV, _IQ, _IK, _BI, *_POS),
+            ("",), summed_outputs=(0,),
+        )[0]
+
+    kl = dispatch.run("index_kl_loss", call, names, serve)
+    return _normalise_kl(kl, cfg, pos, q.shape[1], k.shape[2])
+
+
+def check_block_indices(
+    block_indices,
+    *,
+    num_keys: int,
+    block_size: int = 128,
+    q_offset=None,
+    kv_length=None,
+    segment_ids=None,
+):
+    """Checked path for a concrete block_indices: raises on malformed rows, else returns it.
+
+    Rejected (ValueError, naming the first offending (b, i, g) and its row): entries < -1
+    or >= ceil(num_keys / block_size); a block id twice in one row; a block past the query's
+    local block (it holds no visible key); any non-(-1) entry in a padding row. Positions
+    as in `sparse_attention`, with num_keys = S.
+
+    Raises:
+      TypeError: wrong dtype, or a traced (non-concrete) array: call this outside jit.
+    """
+    block_indices = validation.as_array(block_indices, "block_indices")
+    if block_indices.ndim != 4:
+        raise ValueError(f"block_indices must have rank 4 ([B, T, Hkv, K]), got shape {tuple(block_indices.shape)}")
+    B, T, Hkv, K = block_indices.shape
+    validation.check_block_indices_shape(block_indices, B=B, T=T, Hkv=Hkv)
+    value = validation.concrete(block_indices)
+    if value is None:
+        raise TypeError("check_block_indices needs a concrete array; call it outside jax.jit")
+    MSAConfig(block_size=block_size)  # validates block_size
+    q_offset, kv_length, segment_ids = validation.check_positions(
+        q_offset, kv_length, segment_ids, B=B, T=T, S=num_keys
+    )
+    pos = pos_lib.canonicalize(q_offset, kv_length, segment_ids, batch=B, q_len=T, kv_len=num_keys)
+    qpos, doc, valid = (np.asarray(x) for x in pos_lib.query_coords(pos, T))
+    local = np.maximum(qpos - doc, 0) // block_size
+    num_blocks = -(-num_keys // block_size)
+
+    def fail(mask, why):
+        b, i, g = (int(x) for x in np.argwhere(mask)[0][:3])
+        raise ValueError(f"block_indices[{b}, {i}, {g}] = {value[b, i, g].tolist()}: {why}")
+
+    out_of_range = (value < -1) | (value >= num_blocks)
+    if out_of_range.any():
+        fail(out_of_range.any(-1), f"ids must lie in [-1, {num_blocks})")
+    pad_rows = ~valid[:, :, None] & (value != -1).any(-1)
+    if pad_rows.any():
+        fail(pad_rows, "padding query rows must be all -1")
+    future = valid[:, :, None, None] & (value > local[:, :, None, None])
+    if future.any():
+        fail(future.any(-1), "block after the query's local block (no visible key)")
+    ordered = np.sort(value, axis=-1)
+    dup = ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any(-1)
+    if dup.any():
+        fail(dup, "duplicate block id in one row")
+    return block_indices

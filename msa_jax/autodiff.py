@@ -1,0 +1,68 @@
+"""The custom_vjp rules shared by every implementation, and with them the gradient detach.
+
+Two differentiable primitives make up MSA:
+  attention: (q, k, v) -> (out, lse); its cotangents reach q, k, v only.
+  kl_sum:    (index_q, index_k) -> sum of KL(P || R); q, k and lse enter as the detached
+             teacher and receive nothing (the spec's detach), block_indices carry nothing.
+An implementation supplies the forward and backward functions; the wiring lives here once.
+Residuals are tagged with `checkpoint_name` so a `jax.checkpoint` policy can keep them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+from jax.ad_checkpoint import checkpoint_name
+
+from .config import MSAConfig, Positions
+
+OUT_NAME = "msa_out"
+LSE_NAME = "msa_lse"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def attention(impl, cfg: MSAConfig, q, k, v, block_indices, q_offset, kv_length, segment_ids):
+    """(out, lse) of the main branch over the support named by block_indices (or dense)."""
+    pos = Positions(q_offset, kv_length, segment_ids)
+    return impl.attention_fwd(q, k, v, block_indices, pos, cfg)
+
+
+def _attention_fwd(impl, cfg, q, k, v, block_indices, q_offset, kv_length, segment_ids):
+    out, lse = attention(impl, cfg, q, k, v, block_indices, q_offset, kv_length, segment_ids)
+    out, lse = checkpoint_name(out, OUT_NAME), checkpoint_name(lse, LSE_NAME)
+    return (out, lse), (q, k, v, block_indices, q_offset, kv_length, segment_ids, out, lse)
+
+
+def _attention_bwd(impl, cfg, res, cotangents):
+    q, k, v, block_indices, q_offset, kv_length, segment_ids, out, lse = res
+    dout, dlse = cotangents
+    pos = Positions(q_offset, kv_length, segment_ids)
+    dq, dk, dv = impl.attention_bwd(q, k, v, block_indices, pos, cfg, out, lse, dout, dlse)
+    return dq, dk, dv, None, None, None, None
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def kl_sum(impl, cfg: MSAConfig, q, k, index_q, index_k, block_indices, lse, q_offset, kv_length, segment_ids):
+    """float32 scalar sum over valid (query, group) rows of KL(P || R); grads reach index_* only."""
+    pos = Positions(q_offset, kv_length, segment_ids)
+    return impl.kl_fwd(q, k, index_q, index_k, block_indices, lse, pos, cfg)
+
+
+def _kl_fwd(impl, cfg, q, k, index_q, index_k, block_indices, lse, q_offset, kv_length, segment_ids):
+    value = kl_sum(impl, cfg, q, k, index_q, index_k, block_indices, lse, q_offset, kv_length, segment_ids)
+    return value, (q, k, index_q, index_k, block_indices, lse, q_offset, kv_length, segment_ids)
+
+
+def _kl_bwd(impl, cfg, res, dkl):
+    q, k, index_q, index_k, block_indices, lse, q_offset, kv_length, segment_ids = res
+    pos = Positions(q_offset, kv_length, segment_ids)
+    d_iq, d_ik = impl.kl_bwd(q, k, index_q, index_k, block_indices, lse, pos, cfg, dkl)
+    # The teacher (q, k, lse) is detached: it receives no gradient from the KL loss.
+    return None, None, d_iq, d_ik, None, None, None, None, None
+
+
+kl_sum.defvjp(_kl_fwd, _kl_bwd)

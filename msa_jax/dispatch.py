@@ -1,0 +1,160 @@
+"""Implementation registry, the choice among implementations, and the shard_map boundary.
+
+An implementation is an object with the methods of `Implementation`. The public ops name
+an ordered list of implementations; the first whose `supports(call)` returns None and
+whose trace does not raise `NotImplementedError` serves the call. Below this layer
+nothing validates user input again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+from .config import CallInfo
+
+# Why each name of the public `implementation` argument may be missing from the registry.
+_NOT_BUILT = {
+    "pallas": "the Pallas kernels are not part of this version yet",
+    "cuda": "the CUDA kernels are not part of this version yet",
+}
+KNOWN = ("xla", "pallas", "cuda")
+
+
+class Implementation:
+    """What an implementation provides; all methods take validated, canonical arguments.
+
+    Shapes follow the spec (BTNH); `positions` is a `config.Positions`, `cfg` an
+    `MSAConfig`. Raise NotImplementedError from `supports` (as a returned reason) or while
+    tracing to let the dispatcher try the next implementation.
+    """
+
+    name: str = ""
+
+    def supports(self, call: CallInfo) -> str | None:
+        """None if this implementation serves `call`, else a one-line reason."""
+        raise NotImplementedError
+
+    def select_blocks(self, index_q, index_k, positions, cfg):
+        """int32 [B, T, Hkv, top_k] rows of the spec."""
+        raise NotImplementedError
+
+    def attention_fwd(self, q, k, v, block_indices, positions, cfg):
+        """(out [B, T, Hq, D] in q.dtype, lse float32 [B, T, Hq])."""
+        raise NotImplementedError
+
+    def attention_lse(self, q, k, block_indices, positions, cfg):
+        """lse float32 [B, T, Hq] alone (the KL teacher's normaliser)."""
+        raise NotImplementedError
+
+    def attention_bwd(self, q, k, v, block_indices, positions, cfg, out, lse, dout, dlse):
+        """(dq, dk, dv) in the dtypes of q, k, v."""
+        raise NotImplementedError
+
+    def kl_fwd(self, q, k, index_q, index_k, block_indices, lse, positions, cfg):
+        """float32 scalar: sum over valid (query, group) rows of KL(P || R), unnormalised."""
+        raise NotImplementedError
+
+    def kl_bwd(self, q, k, index_q, index_k, block_indices, lse, positions, cfg, dkl):
+        """(d index_q, d index_k) for cotangent `dkl` of `kl_fwd`'s sum."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, Implementation] = {}
+
+
+def register(impl: Implementation) -> None:
+    """Makes `impl` selectable by its name."""
+    _REGISTRY[impl.name] = impl
+
+
+def default_order(platform: str) -> tuple[str, ...]:
+    """Fastest first. On CPU only `xla` is fast; Pallas there runs in interpret mode."""
+    if platform in ("gpu", "cuda", "rocm"):
+        return ("cuda", "pallas", "xla")
+    return ("xla",)
+
+
+def resolve(implementation, platform: str) -> tuple[str, ...]:
+    """Normalises the public `implementation` argument (validated by validation.py)."""
+    if implementation is None:
+        return default_order(platform)
+    if isinstance(implementation, str):
+        return (implementation,)
+    return tuple(implementation)
+
+
+def run(op: str, call: CallInfo, names: Sequence[str], fn: Callable[[Implementation], Any]):
+    """Calls fn(impl) with the first implementation that serves `call`."""
+    reasons = []
+    for name in names:
+        impl = _REGISTRY.get(name)
+        if impl is None:
+            reasons.append(f"{name}: {_NOT_BUILT.get(name, 'not registered')}")
+            continue
+        reason = impl.supports(call)
+        if reason is not None:
+            reasons.append(f"{name}: {reason}")
+            continue
+        try:
+            return fn(impl)
+        except NotImplementedError as e:
+            reasons.append(f"{name}: {e}")
+    raise NotImplementedError(f"no implementation can serve {op}: " + "; ".join(reasons))
+
+
+def _mesh_axes(spec_entry) -> tuple[str, ...]:
+    if spec_entry is None:
+        return ()
+    return tuple(spec_entry) if isinstance(spec_entry, tuple) else (spec_entry,)
+
+
+def shard_local(fn, args, layouts, out_layouts, *, summed_outputs=()):
+    """Runs fn shard-locally when the inputs are sharded over batch and/or heads.
+
+    `layouts` / `out_layouts` give, per (flattened) argument and output, one letter per
+    dimension: "B" batch, "H" heads (query heads and kv heads are split alike, so each shard
+    holds whole GQA groups), anything else unsharded. Arguments that are None stay None. The
+    mesh axes come from the first argument's sharding in explicit-sharding mode
+    (`jax.set_mesh` with `AxisType.Explicit`). Outputs listed in `summed_outputs` are
+    scalars summed over every shard. With no explicit mesh the call runs as is: XLA's
+    partitioner keeps the pure-jnp implementation shard-local by itself, since batch and
+    heads are batch dimensions of every contraction in it.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return fn(*args)
+    spec = jax.typeof(args[0]).sharding.spec
+    first = layouts[0]
+    batch = _mesh_axes(spec[first.index("B")]) if len(spec) > first.index("B") else ()
+    heads = _mesh_axes(spec[first.index("H")]) if len(spec) > first.index("H") else ()
+    if not batch and not heads:
+        return fn(*args)
+
+    def to_spec(layout):
+        if layout is None:
+            return None
+        dims = []
+        for letter in layout:
+            axes = batch if letter == "B" else heads if letter == "H" else ()
+            dims.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+        return P(*dims)
+
+    present = [i for i, a in enumerate(args) if a is not None]
+    in_specs = tuple(to_spec(layouts[i]) for i in present)
+    out_specs = tuple(to_spec(l) for l in out_layouts)
+    all_axes = batch + heads
+
+    def local(*local_args):
+        full = [None] * len(args)
+        for i, a in zip(present, local_args):
+            full[i] = a
+        outs = list(fn(*full))
+        for i in summed_outputs:
+            outs[i] = jax.lax.psum(outs[i], all_axes)
+        return tuple(outs)
+
+    return jax.shard_map(local, in_specs=in_specs, out_specs=out_specs)(*(args[i] for i in present))

@@ -1,0 +1,59 @@
+"""Query/key coordinates shared by every implementation (spec, "Positions").
+
+The validator turns the user's `q_offset`, `kv_length` and `segment_ids` into a
+`config.Positions` of int32 arrays; this module derives what kernels need from it. One
+formulation covers plain causal attention, chunked prefill and packed documents:
+
+  query (b, i) sits at key coordinate  qpos = q_offset[b] + i  (i itself with segments);
+  its document starts at key coordinate doc = 0 (or its segment run's first token);
+  key t is visible iff  doc <= t <= qpos  and  t < kv_length[b]  and the query is valid;
+  block ids are document-relative: key t lies in block (t - doc) // block_size.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from .config import Positions
+
+
+def canonicalize(q_offset, kv_length, segment_ids, *, batch: int, q_len: int, kv_len: int) -> Positions:
+    """Broadcasts validated position arguments to int32 arrays (defaults from the spec)."""
+    if kv_length is None:
+        kv_length = kv_len
+    kv_length = jnp.broadcast_to(jnp.asarray(kv_length, jnp.int32), (batch,))
+    if q_offset is None:
+        # Packed documents are self-attention (T == S): queries start at key 0.
+        q_offset = 0 if segment_ids is not None else kv_length - q_len
+    q_offset = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (batch,))
+    if segment_ids is not None:
+        segment_ids = jnp.asarray(segment_ids, jnp.int32)
+    return Positions(q_offset, kv_length, segment_ids)
+
+
+def doc_starts(segment_ids: jax.Array) -> jax.Array:
+    """int32 [B, T]: index of the first token of the contiguous segment run holding each token."""
+    t = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)
+    is_start = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
+    return jax.lax.cummax(jnp.where(is_start, t, 0), axis=1)
+
+
+def query_coords(positions: Positions, q_len: int):
+    """(qpos, doc, valid), each [B, T]: key coordinate, document start, non-padding flag."""
+    i = jnp.arange(q_len, dtype=jnp.int32)
+    qpos = positions.q_offset[:, None] + i[None, :]
+    if positions.segment_ids is None:
+        doc = jnp.zeros_like(qpos)
+    else:
+        doc = doc_starts(positions.segment_ids)
+    valid = (qpos >= 0) & (qpos < positions.kv_length[:, None])
+    return qpos, doc, valid
+
+
+def num_valid_queries(positions: Positions, q_len: int) -> jax.Array:
+    """int32 scalar N of the spec: non-padding queries over the whole batch."""
+    _, _, valid = query_coords(positions, q_len)
+    return jnp.sum(valid, dtype=jnp.int32)
