@@ -66,7 +66,7 @@ def _normalise_kl(kl_sum, cfg: MSAConfig, positions: Positions, q_len: int, num_
     """kl_coeff / (Hkv * N) * sum, and 0 when there is no valid query (N = 0)."""
     n = pos_lib.num_valid_queries(positions, q_len)
     scale = cfg.kl_coeff / (num_kv_heads * jnp.maximum(n, 1).astype(jnp.float32))
-    return jnp.where(n > 0, kl_sum * scale, 0.0).astype(jnp.float32)
+    return jnp.where(n > 0, kl_sum * scale, 0.0).astype(jnp.promote_types(kl_sum.dtype, jnp.float32))
 
 
 def sparse_attention(

@@ -61,8 +61,25 @@ def _kl_bwd(impl, cfg, res, dkl):
     q, k, index_q, index_k, block_indices, lse, q_offset, kv_length, segment_ids = res
     pos = Positions(q_offset, kv_length, segment_ids)
     d_iq, d_ik = impl.kl_bwd(q, k, index_q, index_k, block_indices, lse, pos, cfg, dkl)
+    # Under shard_map over heads, index_k (one head shared by all groups) is replicated
+    # while its gradient was summed over the local groups only: add up the shards.
+    d_ik = _sum_over_extra_axes(d_ik, index_k)
     # The teacher (q, k, lse) is detached: it receives no gradient from the KL loss.
     return None, None, d_iq, d_ik, None, None, None, None, None
 
 
 kl_sum.defvjp(_kl_fwd, _kl_bwd)
+
+
+def _varying_axes(x) -> frozenset:
+    """shard_map axes over which x varies (jax 0.10 names it manual_axis_type.varying)."""
+    aval = jax.typeof(x)
+    vma = getattr(aval, "vma", None)
+    if vma is None:
+        vma = getattr(getattr(aval, "manual_axis_type", None), "varying", ())
+    return frozenset(vma)
+
+
+def _sum_over_extra_axes(ct, primal):
+    extra = _varying_axes(ct) - _varying_axes(primal)
+    return jax.lax.psum(ct, tuple(sorted(extra))) if extra else ct

@@ -157,4 +157,8 @@ def shard_local(fn, args, layouts, out_layouts, *, summed_outputs=()):
             outs[i] = jax.lax.psum(outs[i], all_axes)
         return tuple(outs)
 
-    return jax.shard_map(local, in_specs=in_specs, out_specs=out_specs)(*(args[i] for i in present))
+    # Explicit-mode shard_map wants inputs laid out as in_specs say. Arguments the caller
+    # sharded differently (or not at all, like the canonical positions) are moved here;
+    # q, k, v sharded over batch/heads already match, so nothing large moves.
+    local_args = [jax.sharding.reshard(args[i], spec) for i, spec in zip(present, in_specs)]
+    return jax.shard_map(local, in_specs=in_specs, out_specs=out_specs)(*local_args)

@@ -57,8 +57,8 @@ def _head_scores(q_c, k, scale):
     """s * <q, k> as fp32 [B, C, Hkv, G, S]."""
     B, C, Hq, D = q_c.shape
     Hkv = k.shape[2]
-    q_c = q_c.astype(jnp.float32).reshape(B, C, Hkv, Hq // Hkv, D)
-    return scale * jnp.einsum("bcngd,bsnd->bcngs", q_c, k.astype(jnp.float32), precision=_HI)
+    q_c = chunking.acc(q_c).reshape(B, C, Hkv, Hq // Hkv, D)
+    return scale * jnp.einsum("bcngd,bsnd->bcngs", q_c, chunking.acc(k), precision=_HI)
 
 
 def _attention_chunk(q_c, bi_c, c, k, v, cfg, packed, with_out=True):
@@ -70,7 +70,7 @@ def _attention_chunk(q_c, bi_c, c, k, v, cfg, packed, with_out=True):
     if not with_out:
         return lse.reshape(B, C, Hq)
     p = _probs(scores, lse, mask)
-    out = jnp.einsum("bcngs,bsnd->bcngd", p, v.astype(jnp.float32), precision=_HI)
+    out = jnp.einsum("bcngs,bsnd->bcngd", p, chunking.acc(v), precision=_HI)
     return out.reshape(B, C, Hq, -1), lse.reshape(B, C, Hq)
 
 
@@ -146,6 +146,17 @@ def kl_fwd(q, k, index_q, index_k, block_indices, lse, positions: Positions, cfg
     return jnp.sum(jax.lax.map(body, (sp(q), sp(index_q), sp(block_indices), sp(lse), coords)))
 
 
+def _varying_zeros(shape, dtype):
+    """Zeros typed as varying over every manual (shard_map) mesh axis in scope.
+
+    Inside shard_map a scan carry must keep its type, and the accumulated index_k gradient
+    varies over every axis its inputs vary over; zeros start out invariant, so cast them.
+    """
+    zeros = jnp.zeros(shape, dtype)
+    axes = tuple(jax.sharding.get_abstract_mesh().manual_axes)
+    return jax.lax.pcast(zeros, axes, to="varying") if axes else zeros
+
+
 def kl_bwd(q, k, index_q, index_k, block_indices, lse, positions: Positions, cfg: MSAConfig, dkl):
     """(d index_q, d index_k) from du = (R - P) * dkl, chained through u = si <iq, ik>."""
     T = q.shape[1]
@@ -153,17 +164,16 @@ def kl_bwd(q, k, index_q, index_k, block_indices, lse, positions: Positions, cfg
     packed = positions.segment_ids is not None
     scale = cfg.index_scale(index_k.shape[-1])
     sp = functools.partial(chunking.split, chunk=chunk, num_chunks=n)
-    ik32 = index_k.astype(jnp.float32)
+    ik32 = chunking.acc(index_k)
 
     def body(dik, a):
         iq_c = a[1]
         teacher, student, _ = _kl_chunk_terms(*a, k=k, index_k=index_k, cfg=cfg, packed=packed)
         du = (student - teacher) * dkl  # zero off the support: both are masked
         diq = scale * jnp.einsum("bcns,bsd->bcnd", du, ik32, precision=_HI)
-        dik = dik + scale * jnp.einsum("bcns,bcnd->bsd", du, iq_c.astype(jnp.float32), precision=_HI)
+        dik = dik + scale * jnp.einsum("bcns,bcnd->bsd", du, chunking.acc(iq_c), precision=_HI)
         return dik, diq
 
-    dik, diq = jax.lax.scan(
-        body, jnp.zeros(index_k.shape, jnp.float32), (sp(q), sp(index_q), sp(block_indices), sp(lse), coords)
-    )
+    xs = (sp(q), sp(index_q), sp(block_indices), sp(lse), coords)
+    dik, diq = jax.lax.scan(body, _varying_zeros(index_k.shape, ik32.dtype), xs)
     return chunking.merge(diq, T).astype(index_q.dtype), dik.astype(index_k.dtype)

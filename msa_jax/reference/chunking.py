@@ -28,6 +28,11 @@ class Coords(NamedTuple):
     kv_length: jax.Array
 
 
+def acc(x):
+    """x upcast to its accumulation dtype: fp32, or fp64 for fp64 inputs (x64 tests)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def chunk_size(q_len: int, kv_len: int, heads: int) -> int:
     """Largest power of two <= T whose score tensor fits the budget (at least 1)."""
     want = max(1, _SCORE_BUDGET // max(1, heads * kv_len))

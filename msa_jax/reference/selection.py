@@ -12,11 +12,11 @@ _HI = jax.lax.Precision.HIGHEST
 
 
 def index_scores(index_q_c, index_k, scale):
-    """u [B, C, Hkv, S] in fp32: si * <index_q, index_k> with fp32 accumulation."""
+    """u [B, C, Hkv, S] in the accumulation dtype (fp32; fp64 for fp64 inputs): si * <index_q, index_k> with fp32 accumulation."""
     return scale * jnp.einsum(
         "bcnd,bsd->bcns",
-        index_q_c.astype(jnp.float32),
-        index_k.astype(jnp.float32),
+        chunking.acc(index_q_c),
+        chunking.acc(index_k),
         precision=_HI,
     )
 
