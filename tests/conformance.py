@@ -1,0 +1,366 @@
+"""The conformance suite every implementation passes: one base class, one subclass each.
+
+Numbers are compared with the float64 loop oracle (tests/oracle.py, written from the spec
+independently of the package) on the same dtype-rounded inputs. A subclass sets
+`implementation` and may narrow `CASES` to what it serves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+import jax.test_util
+from jax.ad_checkpoint import checkpoint_policies
+
+import msa_jax
+import oracle
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    B: int
+    T: int
+    S: int
+    Hq: int
+    Hkv: int
+    D: int
+    Di: int
+    block_size: int
+    top_k: int
+    dtype: str
+    q_offset: tuple | None = None
+    kv_length: tuple | None = None
+    segments: tuple | None = None  # document lengths, the same for every row
+
+    def __str__(self):
+        extra = "".join(
+            f"-{n}{getattr(self, n)}" for n in ("q_offset", "kv_length", "segments") if getattr(self, n)
+        )
+        return (
+            f"B{self.B}T{self.T}S{self.S}G{self.Hq // self.Hkv}Hkv{self.Hkv}D{self.D}Di{self.Di}"
+            f"bk{self.block_size}K{self.top_k}{self.dtype}{extra}"
+        )
+
+
+# Together these cover: T < S and T == S, S not a multiple of the block, block sizes
+# 16/32/128, top_k 1/3/16, G 1/2/4/8/16, D 64/128, bf16/fp32, chunked prefill, decode,
+# ragged kv_length with right padding, packed documents.
+CASES = (
+    Case(1, 200, 200, 2, 2, 64, 64, 16, 3, "float32"),
+    Case(2, 100, 300, 4, 2, 128, 64, 32, 3, "bfloat16"),
+    Case(2, 330, 330, 16, 4, 64, 32, 16, 16, "float32", q_offset=(0, 0), kv_length=(330, 250)),
+    Case(1, 520, 520, 8, 1, 64, 64, 128, 3, "bfloat16"),
+    Case(1, 260, 260, 16, 1, 128, 128, 16, 1, "float32"),
+    Case(2, 150, 150, 4, 1, 64, 64, 16, 3, "float32", segments=(40, 70, 40)),
+    Case(2, 16, 300, 8, 2, 64, 64, 32, 16, "bfloat16", q_offset=(284, 100)),
+    Case(2, 1, 333, 16, 2, 64, 64, 16, 3, "float32", kv_length=(333, 200)),
+)
+
+
+def position_kwargs(case: Case) -> dict:
+    kw = {}
+    if case.q_offset is not None:
+        kw["q_offset"] = np.asarray(case.q_offset, np.int32)
+    if case.kv_length is not None:
+        kw["kv_length"] = np.asarray(case.kv_length, np.int32)
+    if case.segments is not None:
+        row = np.repeat(np.arange(len(case.segments)), case.segments).astype(np.int32)
+        kw["segment_ids"] = np.tile(row, (case.B, 1))
+    return kw
+
+
+def make_inputs(rng, case: Case):
+    """Random non-zero inputs in the case's dtype, plus their float64 values for the oracle."""
+    shapes = dict(
+        q=(case.B, case.T, case.Hq, case.D),
+        k=(case.B, case.S, case.Hkv, case.D),
+        v=(case.B, case.S, case.Hkv, case.D),
+        index_q=(case.B, case.T, case.Hkv, case.Di),
+        index_k=(case.B, case.S, case.Di),
+    )
+    xs = {n: jnp.asarray(rng.standard_normal(s), case.dtype) for n, s in shapes.items()}
+    return xs, {n: np.asarray(x, np.float64) for n, x in xs.items()}
+
+
+def rel_err(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
+
+
+def assert_lse_close(got, want, tol):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=0, atol=tol)
+
+
+def out_tol(dtype):
+    return 1e-2 if dtype == "bfloat16" else 1e-5
+
+
+class ConformanceSuite:
+    implementation: str = ""
+
+    # ---- selection -------------------------------------------------------------------
+
+    @pytest.mark.parametrize("case", CASES, ids=str)
+    def test_select_blocks_matches_oracle(self, rng, case):
+        xs, x64 = make_inputs(rng, case)
+        kw = position_kwargs(case)
+        got = msa_jax.select_blocks(
+            xs["index_q"], xs["index_k"], top_k=case.top_k, block_size=case.block_size,
+            implementation=self.implementation, **kw,
+        )
+        want = oracle.select_blocks(
+            x64["index_q"], x64["index_k"], top_k=case.top_k, block_size=case.block_size, **kw
+        )
+        assert got.dtype == jnp.int32 and got.shape == want.shape
+        np.testing.assert_array_equal(np.asarray(got), want)
+
+    def test_constant_scores_follow_tie_rule(self, rng):
+        """Equal index scores: the smallest block ids win, in ascending order, then local."""
+        B, T, S, Hkv, Di, bk, K = 1, 96, 96, 2, 8, 8, 4
+        index_q = jnp.asarray(rng.standard_normal((B, T, Hkv, Di)), jnp.float32)
+        index_k = jnp.broadcast_to(jnp.asarray(rng.standard_normal(Di), jnp.float32), (B, S, Di))
+        got = np.asarray(
+            msa_jax.select_blocks(index_q, index_k, top_k=K, block_size=bk, implementation=self.implementation)
+        )
+        for i in range(T):
+            local = i // bk
+            n = min(K - 1, local)
+            row = list(range(n)) + [local] + [-1] * (K - 1 - n)
+            np.testing.assert_array_equal(got[0, i], np.tile(row, (Hkv, 1)), err_msg=f"query {i}")
+
+    # ---- main branch -----------------------------------------------------------------
+
+    @pytest.mark.parametrize("case", CASES, ids=str)
+    def test_block_sparse_attention_matches_oracle(self, rng, case):
+        xs, x64 = make_inputs(rng, case)
+        kw = position_kwargs(case)
+        bi = oracle.select_blocks(
+            x64["index_q"], x64["index_k"], top_k=case.top_k, block_size=case.block_size, **kw
+        )
+        out, lse = msa_jax.block_sparse_attention(
+            xs["q"], xs["k"], xs["v"], jnp.asarray(bi), block_size=case.block_size, return_lse=True,
+            implementation=self.implementation, **kw,
+        )
+        want_out, want_lse = oracle.attention(
+            x64["q"], x64["k"], x64["v"], bi, block_size=case.block_size, **kw
+        )
+        assert out.dtype == xs["q"].dtype and lse.dtype == jnp.float32
+        assert rel_err(out, want_out) < out_tol(case.dtype)
+        assert_lse_close(lse, want_lse, 1e-4)
+
+    def test_block_indices_are_sets(self, rng):
+        """Order, -1, out-of-range ids and duplicates do not change the result."""
+        case = CASES[2]
+        xs, x64 = make_inputs(rng, case)
+        kw = position_kwargs(case)
+        bi = oracle.select_blocks(x64["index_q"], x64["index_k"], top_k=case.top_k, block_size=case.block_size, **kw)
+        messy = rng.permuted(bi, axis=-1)
+        extra = rng.choice(np.array([-1, -7, 10_000, 2**31 - 1, -(2**31)], np.int64), size=bi.shape[:-1] + (3,))
+        messy = np.concatenate([messy, extra.astype(np.int32), bi[..., :2]], axis=-1)  # dups too
+        f = lambda b: msa_jax.block_sparse_attention(
+            xs["q"], xs["k"], xs["v"], jnp.asarray(b), block_size=case.block_size, return_lse=True,
+            implementation=self.implementation, **kw,
+        )
+        (o1, l1), (o2, l2) = f(bi), f(messy)
+        np.testing.assert_allclose(np.asarray(o2), np.asarray(o1), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(l2), np.asarray(l1), rtol=1e-6, atol=1e-6)
+
+    def test_sparse_equals_dense_below_budget(self, rng):
+        """For positions < top_k * block_size MSA is dense causal attention (spec)."""
+        B, T, Hq, Hkv, D, bk, K = 2, 64, 8, 2, 64, 16, 4
+        q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in
+                   [(B, T, Hq, D), (B, T, Hkv, D), (B, T, Hkv, D)])
+        iq = jnp.asarray(rng.standard_normal((B, T, Hkv, 32)), jnp.float32)
+        ik = jnp.asarray(rng.standard_normal((B, T, 32)), jnp.float32)
+        res = msa_jax.sparse_attention(q, k, v, iq, ik, top_k=K, block_size=bk, implementation=self.implementation)
+        dense = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+        assert rel_err(res.out, dense) < 1e-5
+        for i in range(T):
+            assert sorted(np.asarray(res.block_indices)[0, i, 0][: i // bk + 1].tolist()) == list(range(i // bk + 1))
+
+    # ---- full op and KL ----------------------------------------------------------------
+
+    @pytest.mark.parametrize("mode", ["sparse", "dense"])
+    @pytest.mark.parametrize("case", CASES, ids=str)
+    def test_sparse_attention_matches_oracle(self, rng, case, mode):
+        xs, x64 = make_inputs(rng, case)
+        kw = position_kwargs(case)
+        res = msa_jax.sparse_attention(
+            *xs.values(), top_k=case.top_k, block_size=case.block_size, mode=mode, kl_coeff=0.5,
+            implementation=self.implementation, **kw,
+        )
+        bi = oracle.select_blocks(x64["index_q"], x64["index_k"], top_k=case.top_k, block_size=case.block_size, **kw)
+        dense = mode == "dense"
+        out, lse = oracle.attention(x64["q"], x64["k"], x64["v"], bi, block_size=case.block_size, dense=dense, **kw)
+        kl, diq, dik = oracle.kl_loss(
+            x64["q"], x64["k"], x64["index_q"], x64["index_k"], bi, block_size=case.block_size,
+            kl_coeff=0.5, dense=dense, **kw,
+        )
+        np.testing.assert_array_equal(np.asarray(res.block_indices), bi)
+        assert rel_err(res.out, out) < out_tol(case.dtype)
+        assert_lse_close(res.lse, lse, 1e-4)
+        assert res.kl_loss.dtype == jnp.float32 and res.kl_loss.shape == ()
+        np.testing.assert_allclose(float(res.kl_loss), kl, rtol=1e-4, atol=1e-6)
+
+        def kl_of(iq, ik):
+            return msa_jax.sparse_attention(
+                xs["q"], xs["k"], xs["v"], iq, ik, top_k=case.top_k, block_size=case.block_size, mode=mode,
+                kl_coeff=0.5, implementation=self.implementation, **kw,
+            ).kl_loss
+
+        g_iq, g_ik = jax.grad(kl_of, argnums=(0, 1))(xs["index_q"], xs["index_k"])
+        tol = 2e-2 if case.dtype == "bfloat16" else 1e-4
+        assert rel_err(g_iq, diq) < tol and rel_err(g_ik, dik) < tol
+
+    def test_index_kl_loss_matches_sparse_attention(self, rng):
+        case = CASES[5]
+        xs, _ = make_inputs(rng, case)
+        kw = position_kwargs(case)
+        for mode in ("sparse", "dense"):
+            res = msa_jax.sparse_attention(
+                *xs.values(), top_k=case.top_k, block_size=case.block_size, mode=mode,
+                implementation=self.implementation, **kw,
+            )
+            kl = msa_jax.index_kl_loss(
+                xs["q"], xs["k"], xs["index_q"], xs["index_k"], res.block_indices, block_size=case.block_size,
+                mode=mode, implementation=self.implementation, **kw,
+            )
+            np.testing.assert_allclose(float(kl), float(res.kl_loss), rtol=1e-6)
+
+    # ---- padding, packing --------------------------------------------------------------
+
+    def test_padding_rows(self, rng):
+        """Padding queries: out 0, lse -inf, rows -1, no loss, and zero gradient."""
+        B, T, S, Hq, Hkv, D, Di, bk, K = 2, 48, 48, 4, 2, 32, 16, 8, 3
+        xs, _ = make_inputs(rng, Case(B, T, S, Hq, Hkv, D, Di, bk, K, "float32"))
+        q_offset = np.array([-10, 0], np.int32)  # row 0: queries 0..9 sit before the keys
+        kv_length = np.array([48, 30], np.int32)  # row 1: queries 30..47 are past the keys
+        pad = np.zeros((B, T), bool)
+        pad[0, :10] = True
+        pad[1, 30:] = True
+
+        def run(q, k, v, iq, ik):
+            return msa_jax.sparse_attention(
+                q, k, v, iq, ik, top_k=K, block_size=bk, q_offset=q_offset, kv_length=kv_length,
+                implementation=self.implementation,
+            )
+
+        res = run(*xs.values())
+        assert np.all(np.asarray(res.out)[pad] == 0) and np.all(np.isneginf(np.asarray(res.lse)[pad]))
+        assert np.all(np.asarray(res.block_indices)[pad] == -1)
+        assert np.all(np.isfinite(np.asarray(res.lse)[~pad]))
+        w = jnp.asarray(rng.standard_normal(res.out.shape), jnp.float32)
+        grads = jax.grad(lambda *a: jnp.sum(run(*a).out * w) + run(*a).kl_loss, argnums=(0, 3))(*xs.values())
+        for g in grads:
+            assert np.all(np.asarray(g)[pad] == 0) and np.any(np.asarray(g)[~pad] != 0)
+
+        # Changing a padding query's inputs changes nothing.
+        xs2 = dict(xs)
+        xs2["q"] = xs["q"].at[1, 40].set(100.0)
+        xs2["index_q"] = xs["index_q"].at[1, 40].set(-100.0)
+        res2 = run(*xs2.values())
+        np.testing.assert_array_equal(np.asarray(res2.out), np.asarray(res.out))
+        assert float(res2.kl_loss) == float(res.kl_loss)
+
+    def test_all_padding_gives_zero_loss(self, rng):
+        xs, _ = make_inputs(rng, Case(1, 16, 16, 2, 1, 16, 8, 8, 2, "float32"))
+        res = msa_jax.sparse_attention(*xs.values(), top_k=2, block_size=8, kv_length=0, implementation=self.implementation)
+        assert float(res.kl_loss) == 0.0 and np.all(np.asarray(res.out) == 0)
+
+    def test_packed_documents_equal_separate_calls(self, rng):
+        lengths, bk, K = (37, 70, 21), 8, 3
+        T = sum(lengths)
+        case = Case(1, T, T, 4, 2, 32, 16, bk, K, "float32")
+        xs, _ = make_inputs(rng, case)
+        seg = jnp.asarray(np.repeat(np.arange(3), lengths)[None], jnp.int32)
+        packed = msa_jax.sparse_attention(
+            *xs.values(), top_k=K, block_size=bk, segment_ids=seg, implementation=self.implementation
+        )
+        start, kl_total = 0, 0.0
+        for n in lengths:
+            part = {
+                name: (x[:, start:start + n]) for name, x in xs.items()
+            }
+            one = msa_jax.sparse_attention(*part.values(), top_k=K, block_size=bk, implementation=self.implementation)
+            sl = slice(start, start + n)
+            np.testing.assert_allclose(np.asarray(packed.out[:, sl]), np.asarray(one.out), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(np.asarray(packed.lse[:, sl]), np.asarray(one.lse), rtol=1e-5, atol=1e-5)
+            np.testing.assert_array_equal(np.asarray(packed.block_indices[:, sl]), np.asarray(one.block_indices))
+            kl_total += float(one.kl_loss) * n  # each call normalises by its own N
+            start += n
+        np.testing.assert_allclose(float(packed.kl_loss), kl_total / T, rtol=1e-5)
+
+    # ---- gradients and transformations -------------------------------------------------
+
+    def test_check_grads(self, rng):
+        """Numerical vs analytic gradients in float64 for the attention and the KL."""
+        case = Case(1, 24, 40, 4, 2, 8, 8, 8, 2, "float32", kv_length=(37,))
+        kw = position_kwargs(case)
+        with jax.enable_x64(True):
+            xs = {n: jnp.asarray(x, jnp.float64) for n, x in make_inputs(rng, case)[1].items()}
+            bi = msa_jax.select_blocks(xs["index_q"], xs["index_k"], top_k=2, block_size=8, **kw)
+            w = jnp.asarray(rng.standard_normal((1, 24, 4, 8)))
+            w2 = jnp.asarray(rng.standard_normal((1, 24, 4)))
+
+            def attn(q, k, v):
+                out, lse = msa_jax.block_sparse_attention(
+                    q, k, v, bi, block_size=8, return_lse=True, implementation=self.implementation, **kw
+                )
+                return jnp.sum(out * w) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * w2)
+
+            def kl(iq, ik):
+                return msa_jax.index_kl_loss(
+                    xs["q"], xs["k"], iq, ik, bi, block_size=8, implementation=self.implementation, **kw
+                )
+
+            jax.test_util.check_grads(attn, (xs["q"], xs["k"], xs["v"]), order=1, modes=["rev"], eps=1e-6)
+            jax.test_util.check_grads(kl, (xs["index_q"], xs["index_k"]), order=1, modes=["rev"], eps=1e-6)
+
+    def test_gradient_detach(self, rng):
+        """kl_loss reaches only index_q/index_k; out and lse reach only q, k, v."""
+        case = CASES[0]
+        xs, _ = make_inputs(rng, dataclasses.replace(case, T=64, S=64))
+        f = lambda *a: msa_jax.sparse_attention(*a, top_k=3, block_size=16, implementation=self.implementation)
+        g_kl = jax.grad(lambda *a: f(*a).kl_loss, argnums=tuple(range(5)))(*xs.values())
+        g_out = jax.grad(lambda *a: jnp.sum(f(*a).out) + jnp.sum(jnp.where(jnp.isfinite(f(*a).lse), f(*a).lse, 0)),
+                         argnums=tuple(range(5)))(*xs.values())
+        for g in g_kl[:3] + g_out[3:]:
+            assert np.all(np.asarray(g) == 0)
+        for g in g_kl[3:] + g_out[:3]:
+            assert np.linalg.norm(np.asarray(g)) > 0
+
+    def test_jit_vmap_checkpoint(self, rng):
+        case = Case(2, 40, 56, 4, 2, 16, 8, 8, 3, "float32")
+        xs, _ = make_inputs(rng, case)
+        f = lambda *a: msa_jax.sparse_attention(*a, top_k=3, block_size=8, implementation=self.implementation)
+        eager = f(*xs.values())
+        jitted = jax.jit(f)(*xs.values())
+        for a, b in zip(eager, jitted):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+
+        # vmap over an extra leading axis = one call per slice.
+        stacked = {n: jnp.stack([x, x[::-1]]) for n, x in xs.items()}
+        mapped = jax.vmap(f)(*stacked.values())
+        for j in range(2):
+            one = f(*(x[j] for x in stacked.values()))
+            np.testing.assert_allclose(np.asarray(mapped.out[j]), np.asarray(one.out), rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(float(mapped.kl_loss[j]), float(one.kl_loss), rtol=1e-6)
+
+        # jax.checkpoint with a policy that keeps the tagged residuals: same gradients.
+        def loss(*a):
+            r = f(*a)
+            return jnp.sum(jnp.sin(r.out)) + r.kl_loss
+
+        policy = checkpoint_policies.save_only_these_names("msa_out", "msa_lse")
+        g_plain = jax.grad(loss, argnums=tuple(range(5)))(*xs.values())
+        g_remat = jax.jit(jax.grad(jax.checkpoint(loss, policy=policy), argnums=tuple(range(5))))(*xs.values())
+        for a, b in zip(g_plain, g_remat):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

@@ -1,0 +1,15 @@
+"""Test-wide setup: 4 host devices (sharding tests) must be requested before jax loads."""
+
+import os
+import zlib
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def rng(request):
+    """A generator seeded from the test's id, so each case draws fresh but repeatable data."""
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
