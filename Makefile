@@ -1,0 +1,28 @@
+# The two commands of the README. Each creates .venv (if missing) and installs into it.
+#   make test   install with test extras, run the CPU suite (GPU tests are marked `gpu`)
+#   make demo   install, run the main job
+# MSA_JAX_CUDA=AUTO|ON|OFF chooses whether the CUDA extension is built (see cuda/README.md);
+# these targets default to OFF: the CPU suite and demo do not use it, and CI compiles it
+# separately (.ci/cuda_compile_check.sh).
+PYTHON ?= python3
+VENV ?= .venv
+MSA_JAX_CUDA ?= OFF
+PYTEST_ARGS ?= -m "not gpu"
+
+.PHONY: install test demo clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+
+install: $(VENV)/bin/python
+	MSA_JAX_CUDA=$(MSA_JAX_CUDA) $(VENV)/bin/python -m pip install --quiet -e ".[test]"
+
+test: install
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+demo: install
+	$(VENV)/bin/python benchmarks/demo.py
+
+clean:
+	rm -rf $(VENV) build
