@@ -8,7 +8,11 @@ warm-up; on CPU they only show that everything runs, not how fast a GPU would be
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import statistics
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -38,6 +42,7 @@ def main():
     parser.add_argument("--kv-heads", type=int, default=4 if on_gpu else 2)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5 if on_gpu else 2)
+    parser.add_argument("--out", help="also write the table as JSON here (benchmarks/results/)")
     args = parser.parse_args()
 
     B, N, Hq, Hkv, D = 1, args.seq, args.q_heads, args.kv_heads, args.head_dim
@@ -69,6 +74,19 @@ def main():
         err = np.linalg.norm(out - want) / np.linalg.norm(want)
         same = np.mean(np.asarray(res.block_indices) == np.asarray(reference.block_indices))
         rows.append((f"msa {name}", t, f"{err:.1e}", f"{same:.4f}", f"{float(res.kl_loss):.4f}"))
+
+    if args.out:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        record = dict(
+            kind="demo", device=jax.devices()[0].device_kind, backend=jax.default_backend(),
+            jax_version=jax.__version__, commit=commit or "unknown",
+            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            command=" ".join([sys.executable.rsplit("/", 1)[-1]] + sys.argv),
+            config=dict(B=B, T=N, S=N, Hq=Hq, Hkv=Hkv, D=D, Di=128, top_k=16, block_size=128, dtype="bfloat16"),
+            rows=[dict(name=n, median_s=t, out_rel_err=e, same_blocks=s_, kl_loss=kl) for n, t, e, s_, kl in rows],
+        )
+        with open(args.out, "w") as f:
+            json.dump(record, f, indent=1)
 
     print(f"\n{'implementation':<24}{'time ms':>10}{'vs dense':>10}{'out rel err':>13}{'same blocks':>13}{'kl_loss':>10}")
     for name, t, err, same, kl in rows:
