@@ -16,7 +16,7 @@ $(VENV)/bin/python:
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 
 install: $(VENV)/bin/python
-	MSA_JAX_CUDA=$(MSA_JAX_CUDA) $(VENV)/bin/python -m pip install --quiet -e ".[test]"
+	MSA_JAX_CUDA=$(MSA_JAX_CUDA) $(VENV)/bin/python -m pip install --quiet -e ".[test,examples,hf]"
 
 test: install
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,244 @@
+"""Flax NNX MSA-GQA attention layer: projections, RoPE, index branch, KV cache.
+
+A thin shell over `msa_jax.sparse_attention`: it never computes attention itself. The
+index projections read `stop_gradient(x)`, so the KL loss trains them and nothing else
+(the spec's detach; the authors report divergence without it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from . import positions as pos_lib
+from .api import sparse_attention
+from .config import MODES
+
+
+@dataclasses.dataclass(frozen=True)
+class MSAAttentionConfig:
+    """Shape and options of one MSA-GQA attention layer.
+
+    d_model, num_q_heads, num_kv_heads, head_dim: the GQA attention (Hq % Hkv == 0).
+    index_head_dim: Di of the index branch.
+    top_k, block_size, mode, implementation: passed to `sparse_attention`.
+    rope_theta: RoPE base of the main q/k (HuggingFace "rotate_half" convention).
+    index_norm: RMSNorm on index q/k before RoPE; index_rope: RoPE on the first half of Di.
+    qkv_bias: biases on q/k/v projections (Qwen2 has them).
+    """
+
+    d_model: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    index_head_dim: int = 128
+    top_k: int = 16
+    block_size: int = 128
+    mode: str = "sparse"
+    rope_theta: float = 10000.0
+    index_norm: bool = True
+    index_rope: bool = True
+    qkv_bias: bool = False
+    norm_eps: float = 1e-6
+    implementation: str | tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        for name in ("d_model", "num_q_heads", "num_kv_heads", "head_dim", "index_head_dim", "top_k", "block_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.num_q_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_q_heads ({self.num_q_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.index_rope and self.index_head_dim % 4:
+            raise ValueError(f"index_head_dim must be a multiple of 4 for RoPE on its first half, got {self.index_head_dim}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
+
+
+class KVCache(NamedTuple):
+    """Decoding cache of one layer; `length` [B] counts the tokens already written."""
+
+    k: jax.Array  # [B, max_len, Hkv, D]
+    v: jax.Array  # [B, max_len, Hkv, D]
+    index_k: jax.Array  # [B, max_len, Di], the index branch's shared key head
+    length: jax.Array  # int32 [B]
+
+    @classmethod
+    def init(cls, cfg: MSAAttentionConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> "KVCache":
+        kv = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        return cls(
+            jnp.zeros(kv, dtype), jnp.zeros(kv, dtype),
+            jnp.zeros((batch, max_len, cfg.index_head_dim), dtype), jnp.zeros((batch,), jnp.int32),
+        )
+
+
+class AttentionOutput(NamedTuple):
+    out: jax.Array  # [B, T, d_model]
+    kl_loss: jax.Array  # float32 scalar, this layer's KL index-alignment loss
+    cache: KVCache | None  # the updated cache, when one was given
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float, rotary_dim: int | None = None) -> jax.Array:
+    """Rotary embedding, "rotate_half" layout, on the first rotary_dim features of x [B,T,H,d]."""
+    d = x.shape[-1] if rotary_dim is None else rotary_dim
+    freqs = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)  # [d/2]
+    angle = positions.astype(jnp.float32)[:, :, None, None] * freqs  # [B, T, 1, d/2]
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    rot, rest = x[..., :d].astype(jnp.float32), x[..., d:]
+    a, b = rot[..., : d // 2], rot[..., d // 2:]
+    rotated = jnp.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1).astype(x.dtype)
+    return jnp.concatenate([rotated, rest], axis=-1) if rest.shape[-1] else rotated
+
+
+def _write(buf, new, at):
+    """Writes new [B, T, ...] into buf [B, max_len, ...] at row offsets at [B]."""
+    put = lambda b, n, a: jax.lax.dynamic_update_slice_in_dim(b, n.astype(b.dtype), a, axis=0)
+    return jax.vmap(put)(buf, new, at)
+
+
+def _check_room(cache: KVCache, new_tokens: int):
+    # dynamic_update_slice clamps out-of-range offsets, which would silently overwrite the
+    # last cached tokens; refuse when the lengths are known (outside jit).
+    try:
+        longest = int(jnp.max(cache.length))
+    except jax.errors.ConcretizationTypeError:
+        return
+    if longest + new_tokens > cache.k.shape[1]:
+        raise ValueError(
+            f"KV cache overflow: {longest} cached + {new_tokens} new tokens > max_len {cache.k.shape[1]}"
+        )
+
+
+class GQAAttention(nnx.Module):
+    """Dense causal GQA attention (projections, RoPE, cache); MSAAttention adds the index branch.
+
+    Models keep their first layers dense with this (as MiniMax-M3 does); the attention
+    itself is `jax.nn.dot_product_attention` (cuDNN on GPU).
+    """
+
+    def __init__(self, cfg: MSAAttentionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.cfg = cfg
+        Hq, Hkv, D = cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim
+        lin = lambda n_in, n_out, bias: nnx.Linear(
+            n_in, n_out, use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+        self.q_proj = lin(cfg.d_model, Hq * D, cfg.qkv_bias)
+        self.k_proj = lin(cfg.d_model, Hkv * D, cfg.qkv_bias)
+        self.v_proj = lin(cfg.d_model, Hkv * D, cfg.qkv_bias)
+        self.o_proj = lin(Hq * D, cfg.d_model, False)
+
+    def _positions(self, x, segment_ids, cache):
+        B, T, _ = x.shape
+        if cache is not None and segment_ids is not None:
+            raise ValueError("segment_ids (packed training documents) cannot be combined with a KV cache")
+        start = jnp.zeros((B,), jnp.int32) if cache is None else cache.length
+        pos = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+        if segment_ids is not None:  # RoPE positions restart at each packed document
+            pos = pos - pos_lib.doc_starts(jnp.asarray(segment_ids, jnp.int32))
+        return start, pos
+
+    def _qkv(self, x, pos):
+        B, T, _ = x.shape
+        cfg = self.cfg
+        q = rope(self.q_proj(x).reshape(B, T, cfg.num_q_heads, cfg.head_dim), pos, cfg.rope_theta)
+        k = rope(self.k_proj(x).reshape(B, T, cfg.num_kv_heads, cfg.head_dim), pos, cfg.rope_theta)
+        v = self.v_proj(x).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+        return q, k, v
+
+    def __call__(self, x, *, segment_ids=None, cache: KVCache | None = None, mode: str | None = None,
+                 kl_coeff: float = 1.0) -> AttentionOutput:
+        del mode, kl_coeff  # always dense, no index branch
+        B, T, _ = x.shape
+        start, pos = self._positions(x, segment_ids, cache)
+        q, k, v = self._qkv(x, pos)
+        # Causal on absolute token index; packed documents or the cache's length cut it further.
+        q_abs = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+        if cache is None:
+            new_cache = None
+        else:
+            _check_room(cache, T)
+            new_cache = cache._replace(
+                k=_write(cache.k, k, start), v=_write(cache.v, v, start), length=cache.length + T
+            )
+            k, v = new_cache.k.astype(q.dtype), new_cache.v.astype(q.dtype)
+        k_abs = jnp.arange(k.shape[1], dtype=jnp.int32)[None, None, :]
+        mask = k_abs <= q_abs[:, :, None]
+        if new_cache is not None:
+            mask &= k_abs < new_cache.length[:, None, None]
+        if segment_ids is not None:
+            doc = pos_lib.doc_starts(jnp.asarray(segment_ids, jnp.int32))  # MSA's document rule
+            mask &= doc[:, :, None] == doc[:, None, :]
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+        return AttentionOutput(self.o_proj(out.reshape(B, T, -1)), jnp.zeros((), jnp.float32), new_cache)
+
+
+class MSAAttention(GQAAttention):
+    """GQA attention whose main branch runs MSA block-sparse attention.
+
+    Call with x [B, T, d_model]; returns AttentionOutput(out, kl_loss, cache). Without a
+    cache, x is the whole sequence (causal; `segment_ids` [B, T] for packed documents).
+    With a cache, x holds the next T tokens of each row: their k/v/index_k are written at
+    `cache.length` and they attend to everything cached so far (prefill or decode).
+    `mode` overrides the config's ("dense" warm-up or "sparse") for this call.
+    """
+
+    def __init__(self, cfg: MSAAttentionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        super().__init__(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        Hkv, Di = cfg.num_kv_heads, cfg.index_head_dim
+        lin = lambda n_in, n_out: nnx.Linear(n_in, n_out, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.index_q_proj = lin(cfg.d_model, Hkv * Di)
+        self.index_k_proj = lin(cfg.d_model, Di)
+        if cfg.index_norm:
+            norm = lambda: nnx.RMSNorm(Di, epsilon=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            self.index_q_norm, self.index_k_norm = norm(), norm()
+        else:
+            self.index_q_norm = self.index_k_norm = None
+
+    def _index(self, x, pos):
+        """index_q [B, T, Hkv, Di], index_k [B, T, Di] from stop_gradient(x): the detach."""
+        cfg = self.cfg
+        B, T, _ = x.shape
+        Di = cfg.index_head_dim
+        xi = jax.lax.stop_gradient(x)
+        iq = self.index_q_proj(xi).reshape(B, T, cfg.num_kv_heads, Di)
+        ik = self.index_k_proj(xi).reshape(B, T, 1, Di)
+        if self.index_q_norm is not None:
+            iq, ik = self.index_q_norm(iq), self.index_k_norm(ik)
+        if cfg.index_rope:  # MiniMax-M3: RoPE on the first half of the index head dim
+            iq, ik = rope(iq, pos, cfg.rope_theta, Di // 2), rope(ik, pos, cfg.rope_theta, Di // 2)
+        return iq, ik[:, :, 0]
+
+    def __call__(self, x, *, segment_ids=None, cache: KVCache | None = None, mode: str | None = None,
+                 kl_coeff: float = 1.0) -> AttentionOutput:
+        cfg = self.cfg
+        B, T, _ = x.shape
+        start, pos = self._positions(x, segment_ids, cache)
+        q, k, v = self._qkv(x, pos)
+        iq, ik = self._index(x, pos)
+        kw = dict(top_k=cfg.top_k, block_size=cfg.block_size, mode=mode or cfg.mode, kl_coeff=kl_coeff,
+                  implementation=cfg.implementation)
+        if cache is None:
+            res = sparse_attention(q, k, v, iq, ik, segment_ids=segment_ids, **kw)
+            new_cache = None
+        else:
+            _check_room(cache, T)
+            new_cache = KVCache(
+                _write(cache.k, k, start), _write(cache.v, v, start), _write(cache.index_k, ik, start),
+                cache.length + T,
+            )
+            res = sparse_attention(
+                q.astype(new_cache.k.dtype), new_cache.k, new_cache.v, iq.astype(new_cache.index_k.dtype),
+                new_cache.index_k, q_offset=start, kv_length=new_cache.length, **kw,
+            )
+        out = self.o_proj(res.out.reshape(B, T, -1).astype(x.dtype))
+        return AttentionOutput(out, res.kl_loss, new_cache)

@@ -1,0 +1,109 @@
+"""msa_jax.nn: the Flax layer is a thin, exact shell over sparse_attention."""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import msa_jax
+from msa_jax.nn import GQAAttention, KVCache, MSAAttention, MSAAttentionConfig, rope
+
+CFG = MSAAttentionConfig(d_model=32, num_q_heads=4, num_kv_heads=2, head_dim=8, index_head_dim=8, top_k=2, block_size=4)
+
+
+def _x(rng, B=2, T=30):
+    return jnp.asarray(rng.standard_normal((B, T, CFG.d_model)), jnp.float32)
+
+
+@pytest.mark.parametrize("cls", [GQAAttention, MSAAttention])
+def test_cached_prefill_and_decode_equal_full_forward(rng, cls):
+    """T=30 > top_k*block_size=8, so the sparse layer really drops blocks."""
+    layer = cls(CFG, rngs=nnx.Rngs(0))
+    x = _x(rng)
+    full = layer(x, mode="sparse")
+    r = layer(x[:, :17], cache=KVCache.init(CFG, 2, 40, jnp.float32))
+    outs, cache = [r.out], r.cache
+    for t in range(17, 30):
+        r = layer(x[:, t:t + 1], cache=cache)
+        outs.append(r.out)
+        cache = r.cache
+    np.testing.assert_allclose(np.asarray(jnp.concatenate(outs, 1)), np.asarray(full.out), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(cache.length), [30, 30])
+
+
+def test_layer_matches_op_on_its_own_projections(rng):
+    """The layer's output is o_proj(sparse_attention(...)) of its projections: nothing else."""
+    layer = MSAAttention(CFG, rngs=nnx.Rngs(1))
+    x = _x(rng, B=1, T=20)
+    pos = jnp.arange(20)[None]
+    q, k, v = layer._qkv(x, pos)
+    iq, ik = layer._index(x, pos)
+    res = msa_jax.sparse_attention(q, k, v, iq, ik, top_k=2, block_size=4)
+    np.testing.assert_allclose(
+        np.asarray(layer(x).out), np.asarray(layer.o_proj(res.out.reshape(1, 20, -1))), rtol=1e-6, atol=1e-6
+    )
+
+
+def test_kl_trains_only_index_projections(rng):
+    layer = MSAAttention(CFG, rngs=nnx.Rngs(2))
+    x = _x(rng)
+    w = jnp.asarray(rng.standard_normal((2, 30, CFG.d_model)), jnp.float32)
+
+    def grads(fn):
+        return nnx.grad(lambda m, x: fn(m(x, mode="sparse")), argnums=(0, 1))(layer, x)
+
+    g_kl, gx_kl = grads(lambda r: r.kl_loss)
+    g_out, gx_out = grads(lambda r: jnp.sum(r.out * w))
+    assert np.all(np.asarray(gx_kl) == 0)  # stop_gradient(x): no gradient into the residual stream
+    for path, value in nnx.to_flat_state(g_kl):
+        index_param = "index" in str(path[0])
+        norm = float(jnp.linalg.norm(value[...]))
+        assert (norm > 0) == index_param, path
+    for path, value in nnx.to_flat_state(g_out):
+        if "index" in str(path[0]):
+            assert float(jnp.linalg.norm(value[...])) == 0, path
+    assert float(jnp.linalg.norm(gx_out)) > 0
+
+
+def test_packed_documents_equal_separate_sequences(rng):
+    layer = MSAAttention(CFG, rngs=nnx.Rngs(3))
+    x = _x(rng, B=1, T=30)
+    seg = jnp.asarray(np.repeat([0, 1], [13, 17])[None], jnp.int32)
+    packed = layer(x, segment_ids=seg)
+    a, b = layer(x[:, :13]), layer(x[:, 13:])
+    np.testing.assert_allclose(np.asarray(packed.out), np.asarray(jnp.concatenate([a.out, b.out], 1)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(float(packed.kl_loss), (13 * float(a.kl_loss) + 17 * float(b.kl_loss)) / 30, rtol=1e-5)
+
+
+def test_partial_index_rope_leaves_second_half():
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 5, 2, 8)), jnp.float32)
+    y = rope(x, jnp.arange(5)[None] + 3, 10000.0, rotary_dim=4)
+    np.testing.assert_array_equal(np.asarray(y[..., 4:]), np.asarray(x[..., 4:]))
+    assert not np.allclose(np.asarray(y[..., :4]), np.asarray(x[..., :4]))
+    # A rotation keeps norms of each rotated pair.
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(y[..., :4]), axis=-1), np.linalg.norm(np.asarray(x[..., :4]), axis=-1), rtol=1e-5)
+
+
+def test_cache_overflow_is_an_error(rng):
+    layer = MSAAttention(CFG, rngs=nnx.Rngs(4))
+    cache = KVCache.init(CFG, 2, 16, jnp.float32)
+    with pytest.raises(ValueError, match="KV cache overflow: 0 cached \\+ 20 new tokens > max_len 16"):
+        layer(_x(rng, T=20), cache=cache)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(num_q_heads=6, num_kv_heads=4), r"num_q_heads \(6\) must be a multiple of num_kv_heads \(4\)"),
+        (dict(head_dim=7), "head_dim must be even for RoPE, got 7"),
+        (dict(index_head_dim=6), "index_head_dim must be a multiple of 4 .* got 6"),
+        (dict(top_k=0), "top_k must be a positive int, got 0"),
+        (dict(mode="fast"), "mode must be one of"),
+    ],
+)
+def test_config_errors_name_the_numbers(kw, match):
+    base = dict(d_model=32, num_q_heads=4, num_kv_heads=2, head_dim=8, index_head_dim=8)
+    with pytest.raises(ValueError, match=match):
+        MSAAttentionConfig(**{**base, **kw})
