@@ -116,6 +116,7 @@ def sparse_attention(
       TypeError, ValueError: malformed arguments (the message names the argument).
       NotImplementedError: no requested implementation can serve the call (with reasons).
     """
+    v, index_q = validation.as_array(v, "v"), validation.as_array(index_q, "index_q")
     q, k, v, index_q, index_k, cfg, pos, call, names = _prepare(
         "sparse_attention", q, k, v, index_q, index_k, q_offset, kv_length, segment_ids, implementation,
         top_k=top_k, block_size=block_size, mode=mode, softmax_scale=softmax_scale,
@@ -163,6 +164,7 @@ def select_blocks(
     index_k = validation.as_array(index_k, "index_k")
     validation.check_rank(index_q, "index_q", 4, "[B, T, Hkv, Di]")
     validation.check_rank(index_k, "index_k", 3, "[B, S, Di]")
+    validation.check_floating(index_q, "index_q")
     B, T, Hkv, _ = index_q.shape
     S = index_k.shape[1]
     # The main branch is absent: stand-ins of the right static shape let one validator and
@@ -209,6 +211,7 @@ def block_sparse_attention(
     Returns:
       out [B, T, Hq, D] in q's dtype, or (out, lse) if return_lse. Gradients reach q, k, v.
     """
+    v = validation.as_array(v, "v")
     q, k, v, _, _, cfg, pos, call, names = _prepare(
         "block_sparse_attention", q, k, v, None, None, q_offset, kv_length, segment_ids, implementation,
         block_size=block_size, softmax_scale=softmax_scale,
@@ -251,6 +254,7 @@ def index_kl_loss(
     "dense" mode) and R the softmax of the index scores over the same support. Gradients
     reach index_q and index_k only (q and k are the detached teacher).
     """
+    index_q = validation.as_array(index_q, "index_q")
     q, k, _, index_q, index_k, cfg, pos, call, names = _prepare(
         "index_kl_loss", q, k, None, index_q, index_k, q_offset, kv_length, segment_ids, implementation,
         block_size=block_size, mode=mode, softmax_scale=softmax_scale,
@@ -301,6 +305,9 @@ def check_block_indices(
     if value is None:
         raise TypeError("check_block_indices needs a concrete array; call it outside jax.jit")
     MSAConfig(block_size=block_size)  # validates block_size
+    if isinstance(num_keys, bool) or not isinstance(num_keys, (int, np.integer)) or num_keys < 1:
+        raise ValueError(f"num_keys must be a positive int (S), got {num_keys!r}")
+    num_keys = int(num_keys)
     q_offset, kv_length, segment_ids = validation.check_positions(
         q_offset, kv_length, segment_ids, B=B, T=T, S=num_keys
     )

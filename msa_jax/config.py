@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import NamedTuple
 
 import jax
@@ -51,9 +52,12 @@ class MSAConfig:
         for name in ("softmax_scale", "index_softmax_scale"):
             value = getattr(self, name)
             if value is not None and not (_is_real(value) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be None or a finite float > 0, got {value!r}")
+                raise ValueError(f"{name} must be None or a finite real number > 0, got {value!r}")
+            if value is not None:  # NumPy scalars become Python floats: one hashable static form
+                object.__setattr__(self, name, float(value))
         if not (_is_real(self.kl_coeff) and math.isfinite(self.kl_coeff)):
-            raise ValueError(f"kl_coeff must be a finite float, got {self.kl_coeff!r}")
+            raise ValueError(f"kl_coeff must be a finite real number, got {self.kl_coeff!r}")
+        object.__setattr__(self, "kl_coeff", float(self.kl_coeff))
 
     @property
     def dense(self) -> bool:
@@ -69,7 +73,7 @@ class MSAConfig:
 
 
 def _is_real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 class Positions(NamedTuple):

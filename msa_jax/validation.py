@@ -22,9 +22,11 @@ def as_array(x, name: str):
     """Accepts jax/NumPy arrays and tracers; anything else is converted or rejected."""
     if hasattr(x, "shape") and hasattr(x, "dtype"):
         return x
+    if x is None:
+        raise TypeError(f"{name} must be an array, got None")
     try:
         return jnp.asarray(x)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise TypeError(f"{name} must be an array, got {type(x).__name__}") from e
 
 
@@ -41,9 +43,11 @@ def check_rank(x, name: str, rank: int, layout: str):
         raise ValueError(f"{name} must have rank {rank} ({layout}), got shape {tuple(x.shape)}")
 
 
-def _floating(x, name: str):
+def check_floating(x, name: str):
     if not any(x.dtype == d for d in _FLOAT_DTYPES):
-        raise TypeError(f"{name} must be bfloat16, float16 or float32, got dtype {x.dtype}")
+        raise TypeError(
+            f"{name} must be bfloat16, float16 or float32 (float64 under jax_enable_x64), got dtype {x.dtype}"
+        )
 
 
 def _same(name: str, what: str, expected, actual, ref: str):
@@ -55,8 +59,8 @@ def check_qkv(q, k, v=None):
     """Checks q [B,T,Hq,D], k/v [B,S,Hkv,D]; returns (B, T, S, Hq, Hkv, D)."""
     check_rank(q, "q", 4, "[B, T, Hq, D]")
     check_rank(k, "k", 4, "[B, S, Hkv, D]")
-    _floating(q, "q")
-    _floating(k, "k")
+    check_floating(q, "q")
+    check_floating(k, "k")
     B, T, Hq, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     _same("k", "batch", B, k.shape[0], "q")
@@ -79,8 +83,8 @@ def check_index(index_q, index_k, *, B, T, S, Hkv):
     """Checks index_q [B,T,Hkv,Di] and index_k [B,S,Di]; returns Di."""
     check_rank(index_q, "index_q", 4, "[B, T, Hkv, Di]")
     check_rank(index_k, "index_k", 3, "[B, S, Di]")
-    _floating(index_q, "index_q")
-    _floating(index_k, "index_k")
+    check_floating(index_q, "index_q")
+    check_floating(index_k, "index_k")
     _same("index_q", "shape[:3]", (B, T, Hkv), tuple(index_q.shape[:3]), "(B, T, Hkv) of q and k")
     _same("index_k", "shape[:2]", (B, S), tuple(index_k.shape[:2]), "(B, S) of k")
     _same("index_k", "index head dim", index_q.shape[3], index_k.shape[2], "index_q")
