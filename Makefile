@@ -23,6 +23,9 @@ test: install
 
 demo: install
 	$(VENV)/bin/python benchmarks/demo.py
+	rm -rf build/demo_ckpt
+	$(VENV)/bin/python examples/flax_model/train.py --preset cpu --steps 60 --warmup-steps 20 --ckpt-dir build/demo_ckpt
+	$(VENV)/bin/python examples/flax_model/generate.py --ckpt-dir build/demo_ckpt --prompt "def " --max-new-tokens 80 --temperature 0.7 --top-k 20
 
 clean:
 	rm -rf $(VENV) build

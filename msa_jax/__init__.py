@@ -1,5 +1,7 @@
 """msa_jax: MiniMax Sparse Attention for JAX (spec: shared/spec/msa.md)."""
 
+import jax as _jax
+
 from . import dispatch as _dispatch
 from .api import MSAOutput as MSAOutput
 from .api import block_sparse_attention as block_sparse_attention
@@ -8,8 +10,11 @@ from .api import index_kl_loss as index_kl_loss
 from .api import select_blocks as select_blocks
 from .api import sparse_attention as sparse_attention
 from .config import MSAConfig as MSAConfig
+from .pallas import PallasImplementation as _PallasImplementation
 from .reference import XlaImplementation as _XlaImplementation
 
 __version__ = "0.1.0"
 
 _dispatch.register(_XlaImplementation())
+# No GPU: the same kernels run in Pallas interpret mode (slow, exact; for tests and CPU users).
+_dispatch.register(_PallasImplementation(interpret=_jax.default_backend() not in ("gpu", "cuda")))

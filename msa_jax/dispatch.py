@@ -18,7 +18,6 @@ from .config import CallInfo
 
 # Why each name of the public `implementation` argument may be missing from the registry.
 _NOT_BUILT = {
-    "pallas": "the Pallas kernels are not part of this version yet",
     "cuda": "the CUDA kernels are not part of this version yet",
 }
 KNOWN = ("xla", "pallas", "cuda")

@@ -161,6 +161,12 @@ class GQAAttention(nnx.Module):
         B, T, _ = x.shape
         start, pos = self._positions(x, segment_ids, cache)
         q, k, v = self._qkv(x, pos)
+        if cache is None and segment_ids is None:
+            # Plain causal self-attention: no explicit mask, so on GPU cuDNN's flash kernel
+            # serves it (an explicit [B, 1, T, S] mask would make XLA materialise the logits).
+            on_gpu = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn" if on_gpu else None)
+            return AttentionOutput(self.o_proj(out.reshape(B, T, -1)), jnp.zeros((), jnp.float32), None)
         # Causal on absolute token index; packed documents or the cache's length cut it further.
         q_abs = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
         if cache is None:

@@ -13,3 +13,10 @@ import pytest  # noqa: E402
 def rng(request):
     """A generator seeded from the test's id, so each case draws fresh but repeatable data."""
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+def pytest_generate_tests(metafunc):
+    """Conformance tests take their cases from the implementation's class (conformance.py)."""
+    for name, attr in (("case", "CASES"), ("grad_case", "GRAD_CASES")):
+        if name in metafunc.fixturenames and metafunc.cls is not None and hasattr(metafunc.cls, attr):
+            metafunc.parametrize(name, getattr(metafunc.cls, attr), ids=str)

@@ -5,3 +5,4 @@ from conformance import ConformanceSuite
 
 class TestXla(ConformanceSuite):
     implementation = "xla"
+    supports_float64 = True

@@ -1,0 +1,77 @@
+"""The `pallas` implementation: Pallas kernels, Triton on GPU, interpret mode on CPU.
+
+select_blocks: fused indexer with exp-free running top-k (indexer.py).
+attention: KV-outer forward with slot partials merged by log-sum-exp (attention_fwd.py);
+  KV-outer deterministic backward (attention_bwd.py).
+KL: two KV-outer passes, student log-sum-exp then loss and gradients (kl.py).
+On a machine without a GPU the same kernels run with `interpret=True`, so CPU users and
+CI exercise exactly the code a GPU runs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+
+from ..config import CallInfo
+from ..dispatch import Implementation
+from . import attention_bwd, attention_fwd, kl
+from . import indexer
+
+_POW2 = (16, 32, 64, 128, 256)
+
+
+def _dense_indices(block_indices, kv_len: int, block_size: int):
+    """Dense warm-up: every block of the sequence (causality still applies per key)."""
+    B, T, Hkv, _ = block_indices.shape
+    n = -(-kv_len // block_size)
+    return jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (B, T, Hkv, n))
+
+
+class PallasImplementation(Implementation):
+    name = "pallas"
+
+    def __init__(self, interpret: bool):
+        self.interpret = interpret
+
+    def supports(self, call: CallInfo) -> str | None:
+        # Triton tiles need power-of-two matrix dimensions of at least 16.
+        if call.op != "select_blocks" and call.head_dim not in _POW2:  # select_blocks has no main branch
+            return f"head_dim D={call.head_dim} not in {_POW2}"
+        if call.index_head_dim is not None and call.index_head_dim not in _POW2:
+            return f"index head dim Di={call.index_head_dim} not in {_POW2}"
+        if call.config.block_size not in _POW2[:-1]:
+            return f"block_size={call.config.block_size} not in {_POW2[:-1]}"
+        if call.group_size > 64:
+            return f"G={call.group_size} > 64 query heads per kv head"
+        if call.config.top_k > 64:
+            return f"top_k={call.config.top_k} > 64 (the running top-k lives in registers)"
+        for dtype in (call.dtype, call.index_dtype):
+            if dtype not in (None, "bfloat16", "float16", "float32"):
+                return f"dtype {dtype} (bf16, fp16, fp32 only)"
+        return None
+
+    def select_blocks(self, index_q, index_k, positions, cfg):
+        return indexer.select_blocks(index_q, index_k, positions, cfg, interpret=self.interpret)
+
+    def _indices(self, block_indices, k, cfg):
+        return _dense_indices(block_indices, k.shape[1], cfg.block_size) if cfg.dense else block_indices
+
+    def attention_fwd(self, q, k, v, block_indices, positions, cfg):
+        bi = self._indices(block_indices, k, cfg)
+        return attention_fwd.attention_fwd(q, k, v, bi, positions, cfg, interpret=self.interpret)
+
+    def attention_lse(self, q, k, block_indices, positions, cfg):
+        bi = self._indices(block_indices, k, cfg)
+        return attention_fwd.attention_fwd(q, k, k, bi, positions, cfg, interpret=self.interpret)[1]
+
+    def attention_bwd(self, q, k, v, block_indices, positions, cfg, out, lse, dout, dlse):
+        bi = self._indices(block_indices, k, cfg)
+        return attention_bwd.attention_bwd(q, k, v, bi, positions, cfg, out, lse, dout, dlse, interpret=self.interpret)
+
+    def kl_fwd(self, q, k, index_q, index_k, block_indices, lse, positions, cfg):
+        return kl.kl_fwd(q, k, index_q, index_k, block_indices, lse, positions, cfg, interpret=self.interpret)
+
+    def kl_bwd(self, q, k, index_q, index_k, block_indices, lse, positions, cfg, dkl):
+        return kl.kl_bwd(q, k, index_q, index_k, block_indices, lse, positions, cfg, dkl, interpret=self.interpret)
