@@ -57,3 +57,8 @@ def num_valid_queries(positions: Positions, q_len: int) -> jax.Array:
     """int32 scalar N of the spec: non-padding queries over the whole batch."""
     _, _, valid = query_coords(positions, q_len)
     return jnp.sum(valid, dtype=jnp.int32)
+
+
+def last_visible_key(positions: Positions, qpos, valid) -> jax.Array:
+    """int32 [B, T]: the last key each query sees, min(qpos, kv_length - 1); -1 for padding."""
+    return jnp.where(valid, jnp.minimum(qpos, positions.kv_length[:, None] - 1), -1)

@@ -91,7 +91,7 @@ def attention_bwd(q, k, v, block_indices, positions: Positions, cfg: MSAConfig, 
     S, Hkv = k.shape[1], k.shape[2]
     G, K, bk = Hq // Hkv, block_indices.shape[3], cfg.block_size
     qpos, doc, valid = pos_lib.query_coords(positions, T)
-    hi = jnp.where(valid, jnp.minimum(qpos, positions.kv_length[:, None] - 1), -1)
+    hi = pos_lib.last_visible_key(positions, qpos, valid)
     # d lse(row) = sum_t ds_t with ds = p * (dp - delta): dlse enters as -dlse in delta.
     delta = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1) - dlse
     lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)

@@ -134,7 +134,7 @@ def attention_fwd(q, k, v, block_indices, positions: Positions, cfg: MSAConfig, 
     B, T, Hq, D = q.shape
     K = block_indices.shape[3]
     qpos, doc, valid = pos_lib.query_coords(positions, T)
-    hi = jnp.where(valid, jnp.minimum(qpos, positions.kv_length[:, None] - 1), -1)
+    hi = pos_lib.last_visible_key(positions, qpos, valid)
     chunk = common.query_chunk(T, K * Hq * D * 4)
     outs, lses = [], []
     for c0 in range(0, T, chunk):

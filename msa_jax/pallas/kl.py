@@ -135,7 +135,7 @@ def _run(q, k, index_q, index_k, block_indices, lse, positions: Positions, cfg: 
     G, K, bk = Hq // Hkv, block_indices.shape[3], cfg.block_size
     packed = positions.segment_ids is not None
     qpos, doc, valid = pos_lib.query_coords(positions, T)
-    hi = jnp.where(valid, jnp.minimum(qpos, positions.kv_length[:, None] - 1), -1)
+    hi = pos_lib.last_visible_key(positions, qpos, valid)
     if cfg.dense:  # dense warm-up: the support is every visible block
         K = -(-S // bk)
         block_indices = jnp.broadcast_to(jnp.arange(K, dtype=jnp.int32), (B, T, Hkv, K))
