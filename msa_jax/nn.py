@@ -8,15 +8,74 @@ index projections read `stop_gradient(x)`, so the KL loss trains them and nothin
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from . import positions as pos_lib
 from .api import sparse_attention
 from .config import MODES
+
+
+ROPE_SCALING_TYPES = ("llama3",)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling for context extension; rope_type "llama3" (Llama 3.1) only.
+
+    The llama3 rule rescales each rotary frequency w (wavelength 2*pi/w) of unscaled RoPE
+    by where its wavelength falls against the pre-training context
+    L = original_max_position_embeddings:
+      - wavelength < L / high_freq_factor (more than high_freq_factor turns within L): kept;
+      - wavelength > L / low_freq_factor (fewer than low_freq_factor turns within L): w / factor;
+      - in between, linearly in L / wavelength:
+        w' = (1 - s) * w / factor + s * w, s = (L / wavelength - low_freq_factor)
+        / (high_freq_factor - low_freq_factor), which meets both ends (s = 0 and s = 1).
+    The cos/sin are not rescaled (no attention factor, unlike yarn).
+
+    Fields: factor (> 0; 8 in Llama 3.1), low_freq_factor and high_freq_factor
+    (0 < low < high; 1 and 4 in Llama 3.1), original_max_position_embeddings (L, a
+    positive int; 8192 in Llama 3.1).
+    """
+
+    rope_type: str = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        if self.rope_type not in ROPE_SCALING_TYPES:
+            raise ValueError(
+                f"rope_scaling rope_type {self.rope_type!r} is not supported: only {ROPE_SCALING_TYPES} "
+                "(or rope_scaling=None for unscaled RoPE)"
+            )
+        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"rope_scaling {name} must be a finite number > 0, got {value!r}")
+        if not self.low_freq_factor < self.high_freq_factor:
+            # equal factors would divide by zero in the interpolation weight
+            raise ValueError(
+                f"rope_scaling low_freq_factor ({self.low_freq_factor}) must be < high_freq_factor "
+                f"({self.high_freq_factor})"
+            )
+        L = self.original_max_position_embeddings
+        if isinstance(L, bool) or not isinstance(L, int) or L < 1:
+            raise ValueError(f"rope_scaling original_max_position_embeddings must be a positive int, got {L!r}")
+
+    def apply(self, inv_freq: np.ndarray) -> np.ndarray:
+        """The llama3 rule on inverse frequencies (radians per position), any shape."""
+        L = self.original_max_position_embeddings
+        wavelength = 2 * np.pi / inv_freq
+        s = (L / wavelength - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
+        s = np.clip(s, 0.0, 1.0)  # 1 above the high-frequency threshold, 0 below the low one
+        return (1 - s) * inv_freq / self.factor + s * inv_freq
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,8 +86,11 @@ class MSAAttentionConfig:
     index_head_dim: Di of the index branch.
     top_k, block_size, mode, implementation: passed to `sparse_attention`.
     rope_theta: RoPE base of the main q/k (HuggingFace "rotate_half" convention).
+    rope_scaling: None (unscaled RoPE) or a `RopeScaling` ("llama3"); it applies to every
+      RoPE of the layer, main q/k and index q/k alike.
     index_norm: RMSNorm on index q/k before RoPE; index_rope: RoPE on the first half of Di.
-    qkv_bias: biases on q/k/v projections (Qwen2 has them).
+    qkv_bias: biases on the q/k/v projections (Qwen2; Llama with attention_bias).
+    out_bias: a bias on the output projection o_proj (Llama with attention_bias).
     """
 
     d_model: int
@@ -40,9 +102,11 @@ class MSAAttentionConfig:
     block_size: int = 128
     mode: str = "sparse"
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
     index_norm: bool = True
     index_rope: bool = True
     qkv_bias: bool = False
+    out_bias: bool = False
     norm_eps: float = 1e-6
     implementation: str | tuple[str, ...] | None = None
 
@@ -63,6 +127,11 @@ class MSAAttentionConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not self.rope_theta > 0:
             raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise TypeError(f"rope_scaling must be None or a RopeScaling, got {self.rope_scaling!r}")
+        for name in ("index_norm", "index_rope", "qkv_bias", "out_bias"):
+            if not isinstance(getattr(self, name), bool):  # a truthy string would silently switch it on
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
 
 class KVCache(NamedTuple):
@@ -88,10 +157,25 @@ class AttentionOutput(NamedTuple):
     cache: KVCache | None  # the updated cache, when one was given
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float, rotary_dim: int | None = None) -> jax.Array:
-    """Rotary embedding, "rotate_half" layout, on the first rotary_dim features of x [B,T,H,d]."""
+def rope_frequencies(rotary_dim: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
+    """float32 [rotary_dim / 2]: radians per position of each rotated pair, scaled if asked.
+
+    Computed in float64 from static settings (so at trace time, as constants), then rounded.
+    """
+    inv_freq = float(theta) ** (-np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim)
+    if scaling is not None:
+        inv_freq = scaling.apply(inv_freq)
+    return inv_freq.astype(np.float32)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float, rotary_dim: int | None = None,
+         scaling: RopeScaling | None = None) -> jax.Array:
+    """Rotary embedding, "rotate_half" layout, on the first rotary_dim features of x [B,T,H,d].
+
+    positions: int [B, T]; scaling: None or a `RopeScaling` of the frequencies.
+    """
     d = x.shape[-1] if rotary_dim is None else rotary_dim
-    freqs = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)  # [d/2]
+    freqs = rope_frequencies(d, theta, scaling)  # [d/2]
     angle = positions.astype(jnp.float32)[:, :, None, None] * freqs  # [B, T, 1, d/2]
     cos, sin = jnp.cos(angle), jnp.sin(angle)
     rot, rest = x[..., :d].astype(jnp.float32), x[..., d:]
@@ -135,7 +219,7 @@ class GQAAttention(nnx.Module):
         self.q_proj = lin(cfg.d_model, Hq * D, cfg.qkv_bias)
         self.k_proj = lin(cfg.d_model, Hkv * D, cfg.qkv_bias)
         self.v_proj = lin(cfg.d_model, Hkv * D, cfg.qkv_bias)
-        self.o_proj = lin(Hq * D, cfg.d_model, False)
+        self.o_proj = lin(Hq * D, cfg.d_model, cfg.out_bias)
 
     def _positions(self, x, segment_ids, cache):
         B, T, _ = x.shape
@@ -150,8 +234,9 @@ class GQAAttention(nnx.Module):
     def _qkv(self, x, pos):
         B, T, _ = x.shape
         cfg = self.cfg
-        q = rope(self.q_proj(x).reshape(B, T, cfg.num_q_heads, cfg.head_dim), pos, cfg.rope_theta)
-        k = rope(self.k_proj(x).reshape(B, T, cfg.num_kv_heads, cfg.head_dim), pos, cfg.rope_theta)
+        rot = lambda t: rope(t, pos, cfg.rope_theta, scaling=cfg.rope_scaling)
+        q = rot(self.q_proj(x).reshape(B, T, cfg.num_q_heads, cfg.head_dim))
+        k = rot(self.k_proj(x).reshape(B, T, cfg.num_kv_heads, cfg.head_dim))
         v = self.v_proj(x).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
         return q, k, v
 
@@ -221,7 +306,8 @@ class MSAAttention(GQAAttention):
         if self.index_q_norm is not None:
             iq, ik = self.index_q_norm(iq), self.index_k_norm(ik)
         if cfg.index_rope:  # MiniMax-M3: RoPE on the first half of the index head dim
-            iq, ik = rope(iq, pos, cfg.rope_theta, Di // 2), rope(ik, pos, cfg.rope_theta, Di // 2)
+            rot = lambda t: rope(t, pos, cfg.rope_theta, Di // 2, cfg.rope_scaling)
+            iq, ik = rot(iq), rot(ik)
         return iq, ik[:, :, 0]
 
     def __call__(self, x, *, segment_ids=None, cache: KVCache | None = None, mode: str | None = None,

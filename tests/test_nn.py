@@ -1,5 +1,8 @@
 """msa_jax.nn: the Flax layer is a thin, exact shell over sparse_attention."""
 
+import dataclasses
+import math
+
 import numpy as np
 import pytest
 
@@ -8,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import msa_jax
-from msa_jax.nn import GQAAttention, KVCache, MSAAttention, MSAAttentionConfig, rope
+from msa_jax.nn import GQAAttention, KVCache, MSAAttention, MSAAttentionConfig, RopeScaling, rope, rope_frequencies
 
 CFG = MSAAttentionConfig(d_model=32, num_q_heads=4, num_kv_heads=2, head_dim=8, index_head_dim=8, top_k=2, block_size=4)
 
@@ -107,3 +110,76 @@ def test_config_errors_name_the_numbers(kw, match):
     base = dict(d_model=32, num_q_heads=4, num_kv_heads=2, head_dim=8, index_head_dim=8)
     with pytest.raises(ValueError, match=match):
         MSAAttentionConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize(
+    "kw, error, match",
+    [
+        (dict(rope_type="yarn"), ValueError, "rope_scaling rope_type 'yarn' is not supported"),
+        (dict(low_freq_factor=4.0), ValueError, r"low_freq_factor \(4.0\) must be < high_freq_factor \(4.0\)"),
+        (dict(factor=0.0), ValueError, "factor must be a finite number > 0, got 0.0"),
+        (dict(original_max_position_embeddings=0), ValueError, "original_max_position_embeddings must be a positive"),
+    ],
+)
+def test_rope_scaling_errors_name_the_field(kw, error, match):
+    with pytest.raises(error, match=match):
+        RopeScaling(**kw)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(out_bias="yes"), "out_bias must be a bool, got 'yes'"),
+        (dict(rope_scaling={"rope_type": "llama3"}), "rope_scaling must be None or a RopeScaling"),
+    ],
+)
+def test_config_type_errors(kw, match):
+    base = dict(d_model=32, num_q_heads=4, num_kv_heads=2, head_dim=8, index_head_dim=8)
+    with pytest.raises(TypeError, match=match):
+        MSAAttentionConfig(**{**base, **kw})
+
+
+def test_llama3_frequencies_follow_the_piecewise_rule():
+    """Against the Llama 3.1 rule written case by case (the implementation clips one formula)."""
+    L, lo, hi, factor, d, theta = 64, 1.0, 4.0, 8.0, 32, 10000.0
+    got = rope_frequencies(d, theta, RopeScaling(factor=factor, low_freq_factor=lo, high_freq_factor=hi,
+                                                 original_max_position_embeddings=L))
+    regimes = set()
+    for i, w in enumerate(theta ** (-np.arange(0, d, 2) / d)):
+        wavelength = 2 * math.pi / w
+        if wavelength < L / hi:
+            want, regime = w, "kept"
+        elif wavelength > L / lo:
+            want, regime = w / factor, "divided"
+        else:
+            smooth = (L / wavelength - lo) / (hi - lo)
+            want, regime = (1 - smooth) * w / factor + smooth * w, "interpolated"
+        regimes.add(regime)
+        assert got[i] == pytest.approx(want, rel=1e-6), (i, regime)
+    assert regimes == {"kept", "divided", "interpolated"}
+    np.testing.assert_array_equal(rope_frequencies(d, theta), (theta ** (-np.arange(0, d, 2) / d)).astype(np.float32))
+
+
+def test_rope_scaling_reaches_main_and_index_rope(rng):
+    cfg = dataclasses.replace(CFG, rope_scaling=RopeScaling(original_max_position_embeddings=8))
+    layer, plain = MSAAttention(cfg, rngs=nnx.Rngs(5)), MSAAttention(CFG, rngs=nnx.Rngs(5))  # same kernels
+    x, pos = _x(rng, B=1, T=20), jnp.arange(20)[None]
+    raw_q = layer.q_proj(x).reshape(1, 20, CFG.num_q_heads, CFG.head_dim)
+    np.testing.assert_array_equal(np.asarray(layer._qkv(x, pos)[0]),
+                                  np.asarray(rope(raw_q, pos, CFG.rope_theta, scaling=cfg.rope_scaling)))
+    rotated = lambda m: m._qkv(x, pos)[:2] + m._index(x, pos)  # q, k, index_q, index_k
+    for scaled, unscaled in zip(rotated(layer), rotated(plain)):
+        scaled, unscaled = np.asarray(scaled), np.asarray(unscaled)
+        np.testing.assert_array_equal(scaled[:, 0], unscaled[:, 0])  # position 0 is not rotated
+        assert np.abs(scaled[:, 1:] - unscaled[:, 1:]).max() > 1e-2
+
+
+def test_out_bias_is_added_to_the_output(rng):
+    layer = GQAAttention(dataclasses.replace(CFG, out_bias=True), rngs=nnx.Rngs(6))
+    assert GQAAttention(CFG, rngs=nnx.Rngs(6)).o_proj.bias is None
+    x = _x(rng, B=1, T=20)
+    bias = jnp.asarray(rng.standard_normal(CFG.d_model), jnp.float32)
+    layer.o_proj.bias[...] = bias
+    with_bias = np.asarray(layer(x).out)
+    layer.o_proj.bias[...] = jnp.zeros_like(bias)
+    np.testing.assert_allclose(with_bias - np.asarray(layer(x).out), np.broadcast_to(bias, with_bias.shape), atol=1e-5)

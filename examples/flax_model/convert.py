@@ -28,21 +28,30 @@ How, in three parts (the Flax gemma example's shape):
 
 Exactness: in dense mode the converted model computes the HF model's function (the tests
 check logits to 1e-4 in fp32), and in sparse mode too for every position < top_k *
-block_size (the spec: fewer than K visible blocks means all are selected). Configurations
-the model cannot represent are refused with a ValueError naming the config field: RoPE
-scaling other than "default" (linear, dynamic, yarn, llama3, longrope...), partial rotary,
-an active sliding window shorter than max_position_embeddings, activations other than
-SiLU, MLP biases, and Llama's `attention_bias` (it also puts a bias on o_proj).
+block_size (the spec: fewer than K visible blocks means all are selected). Mapped
+features: q/k/v biases (Qwen2), Llama's `attention_bias` (biases on q/k/v and o_proj:
+`qkv_bias` and `out_bias`), tied embeddings, explicit head_dim, and Llama 3.1 RoPE scaling
+(rope_type "llama3": `msa_jax.nn.RopeScaling`). Configurations the model cannot represent
+are refused with a ValueError naming the config field: other RoPE scaling (linear,
+dynamic, yarn, longrope...; the message names the rope_type), partial rotary, an active
+sliding window shorter than max_position_embeddings, activations other than SiLU, MLP
+biases.
+
+`generate.py --ckpt-dir OUT_DIR` samples from the output directory as it does from a
+train.py checkpoint directory (`generate.load` tells the two apart by model_config.json
+and reads this one with `load_converted`); prompts are token ids (`--prompt-ids`) from
+the source model's tokenizer.
 
 Index-branch initialisation (the paper does not say how; this is our rule):
   - "derived" (default, needs index_head_dim == head_dim): in every MSA layer,
     index_q_proj's output head g (one per GQA group) is the mean of the q_proj rows of the
     G query heads of group g, and index_k_proj's single head is the mean of the k_proj
-    rows over all Hkv kv heads. The q/k biases (Qwen2) are not carried over: the index
-    projections have none. So the index score starts as the score of the group's average
-    query against the kv heads' average key -- a rough proxy for the dense attention
-    pattern that the KL warm-up then refines, instead of noise. Only a proxy: the index
-    branch also normalises (RMSNorm) and rotates only the first half of Di.
+    rows over all Hkv kv heads. The q/k biases (Qwen2, Llama attention_bias) are not
+    carried over: the index projections have none. So the index score starts as the score
+    of the group's average query against the kv heads' average key -- a rough proxy for
+    the dense attention pattern that the KL warm-up then refines, instead of noise. Only a
+    proxy: the index branch also normalises (RMSNorm) and rotates only the first half of
+    Di (with the same RoPE settings, llama3 scaling included).
   - "random": index_q_proj and index_k_proj kernels ~ Normal(0, 1/sqrt(d_model)), drawn
     from numpy's default_rng(seed) layer by layer.
   In both, the index RMSNorm scales are 1. Layers kept dense (`--dense-layers N`, the
@@ -71,8 +80,9 @@ from safetensors import safe_open
 
 try:  # imported as examples.flax_model.convert
     from .model import ModelConfig, MSATransformer
-except ImportError:  # run as a script: python examples/flax_model/convert.py
+except ImportError:  # run as a script, or imported by generate.py: examples/flax_model is on sys.path
     from model import ModelConfig, MSATransformer
+from msa_jax.nn import RopeScaling
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
@@ -104,11 +114,17 @@ def _field(hf: dict, name: str, default=None, *, required: bool = False):
     return default
 
 
-def _rope_theta(hf: dict) -> float:
-    """RoPE base from `rope_parameters` (transformers >= 5) or `rope_scaling` / `rope_theta`.
+_LLAMA3_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
-    Raises ValueError for any RoPE variant other than plain ("default") RoPE, naming the
-    field it came from: the model applies unscaled rotate_half RoPE on the full head dim.
+
+def _rope(hf: dict) -> tuple[float, RopeScaling | None]:
+    """(rope_theta, rope_scaling) from `rope_parameters` (transformers >= 5) or `rope_scaling` / `rope_theta`.
+
+    rope_type "default" gives no scaling, "llama3" a `RopeScaling` (its four fields; a
+    missing original_max_position_embeddings falls back to max_position_embeddings, as in
+    transformers). Raises ValueError, naming the config field and the rope_type, for every
+    other RoPE variant (linear, dynamic, yarn, longrope, ...), partial rotary, or layer
+    types with different RoPE: the model applies one rotate_half RoPE on the full head dim.
     """
     # transformers 5 reads rope_scaling in preference to rope_parameters; so do we.
     field = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
@@ -119,25 +135,37 @@ def _rope_theta(hf: dict) -> float:
         entries = {f"{field}[{k!r}]": v for k, v in params.items()}
     else:
         entries = {field: params}
-    thetas = set()
+    ropes = set()
     for where, p in entries.items():
         rope_type = p.get("rope_type", p.get("type", "default"))
-        if rope_type != "default":
+        if rope_type not in ("default", "llama3"):
             raise ValueError(
-                f"config.json {where}: rope_type {rope_type!r} is not supported (only 'default', "
-                "unscaled RoPE); converting would silently change the positional encoding"
+                f"config.json {where}: rope_type {rope_type!r} is not supported (only 'default', unscaled RoPE, "
+                "and 'llama3'); converting would silently change the positional encoding"
             )
         if p.get("partial_rotary_factor", 1.0) != 1.0:
             raise ValueError(
                 f"config.json {where}: partial_rotary_factor {p['partial_rotary_factor']} is not supported "
                 "(the model rotates the whole head dim)"
             )
-        thetas.add(float(p.get("rope_theta", hf.get("rope_theta") or 10000.0)))
+        scaling = None
+        if rope_type == "llama3":
+            values = {name: p.get(name) for name in _LLAMA3_FIELDS}
+            if values["original_max_position_embeddings"] is None:
+                values["original_max_position_embeddings"] = hf.get("max_position_embeddings")
+            missing = [name for name, value in values.items() if value is None]
+            if missing:
+                raise ValueError(f"config.json {where}: rope_type 'llama3' needs {', '.join(missing)}")
+            try:
+                scaling = RopeScaling(rope_type="llama3", **values)
+            except ValueError as e:
+                raise ValueError(f"config.json {where}: {e}") from None
+        ropes.add((float(p.get("rope_theta", hf.get("rope_theta") or 10000.0)), scaling))
     if hf.get("partial_rotary_factor", 1.0) not in (None, 1.0):
         raise ValueError(f"config.json partial_rotary_factor: {hf['partial_rotary_factor']} is not supported")
-    if len(thetas) != 1:
-        raise ValueError(f"config.json {field}: layer types use different rope_theta {sorted(thetas)}")
-    return thetas.pop()
+    if len(ropes) != 1:
+        raise ValueError(f"config.json {field}: layer types use different RoPE settings {sorted(ropes, key=str)}")
+    return ropes.pop()
 
 
 def _check_sliding_window(hf: dict, model_type: str, num_layers: int):
@@ -189,10 +217,11 @@ def model_config_from_hf(hf: dict, *, top_k: int = 16, block_size: int = 128, in
         raise ValueError(f"config.json hidden_act: only 'silu' (SwiGLU) is supported, got {act!r}")
     if hf.get("mlp_bias"):
         raise ValueError("config.json mlp_bias: MLP biases are not supported by the model")
-    if model_type == "llama" and hf.get("attention_bias"):
-        # LlamaAttention puts the bias on o_proj too; the model's o_proj has none.
-        raise ValueError("config.json attention_bias: Llama's attention_bias adds an o_proj bias; the model has none")
-    rope_theta = _rope_theta(hf)
+    if model_type == "llama":  # LlamaAttention: attention_bias puts biases on q/k/v and o_proj
+        qkv_bias = out_bias = bool(hf.get("attention_bias", False))
+    else:  # Qwen2Attention: q/k/v biases always, o_proj none; MistralAttention: none
+        qkv_bias, out_bias = model_type == "qwen2", False
+    rope_theta, rope_scaling = _rope(hf)
     _check_sliding_window(hf, model_type, num_layers)
     return ModelConfig(
         vocab_size=int(_field(hf, "vocab_size", required=True)),
@@ -207,8 +236,10 @@ def model_config_from_hf(hf: dict, *, top_k: int = 16, block_size: int = 128, in
         block_size=block_size,
         dense_layers=dense_layers,
         rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
         norm_eps=float(_field(hf, "rms_norm_eps", 1e-6)),
-        qkv_bias=model_type == "qwen2",  # Qwen2Attention: q/k/v biases always, o_proj none
+        qkv_bias=qkv_bias,
+        out_bias=out_bias,
         tie_embeddings=bool(_field(hf, "tie_word_embeddings", False)),
     )
 
@@ -246,9 +277,9 @@ def key_map(cfg: ModelConfig) -> dict[str, Target]:
         m[hf + "post_attention_layernorm.weight"] = Target((*ours, "post_attn_norm", "scale"), "copy")
         for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
             m[hf + f"self_attn.{p}.weight"] = Target((*ours, "attn", p, "kernel"), "linear")
-        if cfg.qkv_bias:
-            for p in ("q_proj", "k_proj", "v_proj"):
-                m[hf + f"self_attn.{p}.bias"] = Target((*ours, "attn", p, "bias"), "copy")
+        biased = ("q_proj", "k_proj", "v_proj") if cfg.qkv_bias else ()
+        for p in biased + (("o_proj",) if cfg.out_bias else ()):
+            m[hf + f"self_attn.{p}.bias"] = Target((*ours, "attn", p, "bias"), "copy")
         for p in ("gate_proj", "up_proj", "down_proj"):
             m[hf + f"mlp.{p}.weight"] = Target((*ours, "mlp", p, "kernel"), "linear")
     return m
@@ -409,7 +440,8 @@ def load_hf_params(hf_dir: str, cfg: ModelConfig, shapes: dict[Path, tuple]) -> 
 
 
 def _describe(cfg: ModelConfig) -> str:
-    return f"MSATransformer({cfg.num_layers} layers, qkv_bias={cfg.qkv_bias}, tie_embeddings={cfg.tie_embeddings})"
+    return (f"MSATransformer({cfg.num_layers} layers, qkv_bias={cfg.qkv_bias}, out_bias={cfg.out_bias}, "
+            f"tie_embeddings={cfg.tie_embeddings})")
 
 
 def _dotted(path: Path) -> str:

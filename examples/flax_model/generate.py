@@ -2,6 +2,12 @@
 
     python examples/flax_model/generate.py --ckpt-dir /tmp/msa_ckpt --prompt "def main(" --max-new-tokens 200
     python examples/flax_model/generate.py --ckpt-dir /tmp/msa_ckpt --prompt "import " --temperature 0.8 --top-k 40
+    python examples/flax_model/generate.py --ckpt-dir /tmp/llama_msa --prompt-ids "128000 791 6864" --max-new-tokens 20
+
+--ckpt-dir is either kind of directory the example writes (see `load`): a train.py
+--ckpt-dir, whose byte-level model takes text (--prompt) or ids, or a convert.py OUT_DIR,
+whose model speaks its HuggingFace tokenizer's ids: pass them with --prompt-ids (tokenize
+with the source model's tokenizer); the new ids are printed, space-separated.
 
 The prompt is prefilled in one call (its k/v/index_k written into the cache), then one
 token per call of a jitted decode step that reads the whole cache: sparse MSA selects
@@ -25,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import convert as convert_lib  # noqa: E402
 import data  # noqa: E402
 import train as train_lib  # noqa: E402
 
@@ -133,20 +140,67 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
 
 
 def load(ckpt_dir: str, step: int | None = None):
-    """(model, ModelConfig, TrainConfig) from a train.py checkpoint (parameters only)."""
+    """(model, ModelConfig, TrainConfig or None) from a directory that train.py or convert.py wrote.
+
+    The one loader of the example; the directory's content says which writer made it:
+      - convert.py OUT_DIR, recognised by its `model_config.json`: the converted model via
+        `convert.load_converted`, in the dtype it was converted to (parameters and compute);
+        TrainConfig is None. It holds a single checkpoint, so `step` must be None.
+      - otherwise a train.py --ckpt-dir (orbax CheckpointManager): checkpoint `step`
+        (default: the latest), parameters only, built as the run built it (float32
+        parameters, the run's compute dtype).
+    Either way the parameters are the same pure-dict tree of `nnx.state(model)`.
+
+    Raises:
+      ValueError: `step` given for a converted directory.
+      FileNotFoundError: ckpt_dir holds neither (no model_config.json and no checkpoint).
+    """
+    if os.path.exists(os.path.join(ckpt_dir, convert_lib.CONFIG_FILE)):
+        if step is not None:
+            raise ValueError(f"{ckpt_dir} is a convert.py output (one checkpoint, no steps); got step={step}")
+        model = convert_lib.load_converted(ckpt_dir)
+        return model, model.cfg, None
+    if not os.path.isdir(ckpt_dir):  # CheckpointManager would create it
+        raise FileNotFoundError(f"{ckpt_dir}: no such directory")
     ckpts = train_lib.Checkpoints(ckpt_dir)
-    model_cfg, train_cfg = ckpts.configs(step)
-    model = train_lib.build_model(model_cfg, train_cfg)
-    ckpts.restore(model, step=step)
-    ckpts.close()
+    try:
+        model_cfg, train_cfg = ckpts.configs(step)
+        model = train_lib.build_model(model_cfg, train_cfg)
+        ckpts.restore(model, step=step)
+    finally:
+        ckpts.close()
     return model, model_cfg, train_cfg
+
+
+def _prompt(args, model_cfg, byte_vocab: bool) -> tuple[np.ndarray, str | None]:
+    """(prompt tokens int32 [P], the prompt text or None for ids) from --prompt / --prompt-ids."""
+    if args.prompt is not None and args.prompt_ids is not None:
+        raise ValueError("pass --prompt (text) or --prompt-ids (token ids), not both")
+    if args.prompt_ids is not None:
+        try:
+            ids = np.asarray([int(t) for t in args.prompt_ids.replace(",", " ").split()], np.int32)
+        except ValueError:
+            raise ValueError(f"--prompt-ids: expected integers separated by spaces or commas, "
+                             f"got {args.prompt_ids!r}") from None
+        # nnx.Embed would clamp an out-of-range id to a wrong embedding without a word.
+        if ids.size and not ((ids >= 0) & (ids < model_cfg.vocab_size)).all():
+            raise ValueError(f"--prompt-ids: ids must lie in [0, vocab_size={model_cfg.vocab_size}), "
+                             f"got {ids.tolist()}")
+        return ids, None
+    if not byte_vocab:
+        # Byte tokens are valid ids of a HF vocabulary too: this would run and print noise.
+        raise ValueError(f"{args.ckpt_dir} holds a converted model, whose vocabulary is its HuggingFace "
+                         "tokenizer's, not bytes: pass --prompt-ids (ids from the source model's tokenizer)")
+    text = "def " if args.prompt is None else args.prompt
+    return data.encode(text), text
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ckpt-dir", required=True, help="a train.py --ckpt-dir")
-    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
-    p.add_argument("--prompt", default="def ")
+    p.add_argument("--ckpt-dir", required=True, help="a train.py --ckpt-dir or a convert.py OUT_DIR")
+    p.add_argument("--step", type=int, help="train.py checkpoint step (default: the latest)")
+    p.add_argument("--prompt", help='text, as byte tokens (train.py models only; default "def ")')
+    p.add_argument("--prompt-ids", help="prompt token ids, space- or comma-separated; the new ids are printed")
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
@@ -154,14 +208,17 @@ def main(argv=None):
     p.add_argument("--mode", choices=("sparse", "dense"), default="sparse")
     args = p.parse_args(argv)
 
-    model, model_cfg, _ = load(args.ckpt_dir, args.step)
-    prompt = data.encode(args.prompt)
+    model, model_cfg, train_cfg = load(args.ckpt_dir, args.step)
+    prompt, text = _prompt(args, model_cfg, byte_vocab=train_cfg is not None)  # train.py models are byte-level
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    sys.stdout.write(args.prompt)
+    sys.stdout.write(text or "")
     sys.stdout.flush()
 
     def show(token):
-        sys.stdout.write(utf8.decode(bytes(int(t) for t in token if t < 256)))
+        if text is None:
+            sys.stdout.write(f"{int(token[0])} ")
+        else:
+            sys.stdout.write(utf8.decode(bytes(int(t) for t in token if t < 256)))
         sys.stdout.flush()
 
     start = time.perf_counter()

@@ -15,11 +15,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from msa_jax.nn import AttentionOutput, GQAAttention, KVCache, MSAAttention, MSAAttentionConfig
+from msa_jax.nn import AttentionOutput, GQAAttention, KVCache, MSAAttention, MSAAttentionConfig, RopeScaling
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+    """The decoder's shape; the attention fields mean what they mean in `MSAAttentionConfig`.
+
+    rope_scaling: None or `msa_jax.nn.RopeScaling` (a dict of its fields is accepted and
+    converted, which is how the JSON form comes back). qkv_bias / out_bias: biases on the
+    q/k/v and o projections (Qwen2: qkv only; Llama with attention_bias: both).
+    """
+
     vocab_size: int
     d_model: int
     num_layers: int
@@ -32,14 +39,18 @@ class ModelConfig:
     block_size: int = 128
     dense_layers: int = 0
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
     norm_eps: float = 1e-6
     qkv_bias: bool = False
+    out_bias: bool = False
     tie_embeddings: bool = False
     index_norm: bool = True
     index_rope: bool = True
     implementation: str | None = None
 
     def __post_init__(self):
+        if isinstance(self.rope_scaling, dict):  # from JSON (to_json writes the dataclass as a dict)
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         for name in ("vocab_size", "d_model", "num_layers", "ffn_dim"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -52,9 +63,9 @@ class ModelConfig:
         return MSAAttentionConfig(
             d_model=self.d_model, num_q_heads=self.num_q_heads, num_kv_heads=self.num_kv_heads,
             head_dim=self.head_dim, index_head_dim=self.index_head_dim, top_k=self.top_k,
-            block_size=self.block_size, rope_theta=self.rope_theta, index_norm=self.index_norm,
-            index_rope=self.index_rope, qkv_bias=self.qkv_bias, norm_eps=self.norm_eps,
-            implementation=self.implementation,
+            block_size=self.block_size, rope_theta=self.rope_theta, rope_scaling=self.rope_scaling,
+            index_norm=self.index_norm, index_rope=self.index_rope, qkv_bias=self.qkv_bias, out_bias=self.out_bias,
+            norm_eps=self.norm_eps, implementation=self.implementation,
         )
 
     def to_json(self) -> str:
