@@ -64,7 +64,7 @@ class PallasImplementation(Implementation):
 
     def attention_lse(self, q, k, block_indices, positions, cfg):
         bi = self._indices(block_indices, k, cfg)
-        return attention_fwd.attention_fwd(q, k, k, bi, positions, cfg, interpret=self.interpret)[1]
+        return attention_fwd.attention_fwd(q, k, None, bi, positions, cfg, interpret=self.interpret)[1]
 
     def attention_bwd(self, q, k, v, block_indices, positions, cfg, out, lse, dout, dlse):
         bi = self._indices(block_indices, k, cfg)

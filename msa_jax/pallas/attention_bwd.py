@@ -20,7 +20,7 @@ from jax.experimental import pallas as pl
 
 from .. import positions as pos_lib
 from ..config import MSAConfig, Positions
-from . import common, worklist
+from . import attention_fwd, common, worklist
 
 _NEG_INF = float("-inf")
 
@@ -97,9 +97,8 @@ def attention_bwd(q, k, v, block_indices, positions: Positions, cfg: MSAConfig, 
     lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
     packed = positions.segment_ids is not None
     tiles = common.attention_tiles(G, D)
-    s_pad = pl.cdiv(S, bk) * bk + bk
-    kp = jnp.pad(k, [(0, 0), (0, s_pad - S), (0, 0), (0, 0)])
-    vp = jnp.pad(v, [(0, 0), (0, s_pad - S), (0, 0), (0, 0)])
+    kp, vp = attention_fwd.pad_kv(k, bk), attention_fwd.pad_kv(v, bk)
+    s_pad = kp.shape[1]
 
     dk = jnp.zeros((B, s_pad + 1, Hkv, D), jnp.float32)
     dv = jnp.zeros((B, s_pad + 1, Hkv, D), jnp.float32)

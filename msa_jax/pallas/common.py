@@ -17,9 +17,11 @@ class Tiles:
 
 def indexer_tiles(q_len: int, index_head_dim: int) -> Tiles:
     """64 queries x one 128-key block per step: the [64, 128] fp32 score tile plus the
-    running top-k (64 x 16 entries) fit a 4-warp program's registers; small T shrinks it."""
+    running top-k (64 x 16 entries) fit a 4-warp program's registers; small T shrinks it.
+    Three stages of key tiles in flight: 430 TFLOP/s vs 390 with two (H100, config A, 32K,
+    benchmarks/results/sweep-*.json)."""
     block_q = 64 if q_len >= 64 else max(16, 1 << (max(q_len, 1) - 1).bit_length())
-    return Tiles(block_q=block_q, num_warps=4, num_stages=2)
+    return Tiles(block_q=block_q, num_warps=4, num_stages=3)
 
 
 def dot_precision(dtype):
@@ -35,27 +37,35 @@ def compiler_params(tiles: Tiles):
 
 @dataclasses.dataclass(frozen=True)
 class AttentionTiles:
-    rows: int  # queries per work item
+    rows: int  # queries per step (one matrix tile)
     matrix_rows: int  # rows * G padded to a power of two (Triton tensor shapes)
     num_warps: int
     num_stages: int
+    item_steps: int = 1  # steps per forward work item (the key tile is loaded once per item)
 
 
 def attention_tiles(group: int, head_dim: int) -> AttentionTiles:
-    """64 matrix rows (queries x heads) per work item: a [64, 128] fp32 score tile and a
-    [64, D] accumulator per program; G > 64 is not a GQA shape anyone uses."""
+    """64 matrix rows (queries x heads) per step: a [64, 128] fp32 score tile and a [64, D]
+    accumulator per program; G > 64 is not a GQA shape anyone uses. A forward work item
+    walks up to 16 steps of one key tile, so a tile's K and V (64 KB at D = 128) are read
+    once per 64 queries x G heads rather than once per 64 matrix rows."""
     rows = max(1, 64 // group)
-    return AttentionTiles(rows=rows, matrix_rows=next_power_of_2(max(16, rows * group)), num_warps=4, num_stages=1)
+    return AttentionTiles(rows=rows, matrix_rows=next_power_of_2(max(16, rows * group)), num_warps=4, num_stages=1,
+                          item_steps=16)
 
 
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-# Bytes of fp32 slot partials one query chunk may hold (T*K*Hq*D*4 for all T would be
-# tens of GB at long context).
-PARTIAL_BUDGET_BYTES = 1 << 30
+# Bytes of slot partials one query chunk may hold (T*K*Hq*D*2 for all T would be tens of
+# GB at long context: 34 GB at 128K for config A).
+PARTIAL_BUDGET_BYTES = 5 << 30
 
 
 def query_chunk(q_len: int, bytes_per_query: int) -> int:
-    return max(1, min(q_len, PARTIAL_BUDGET_BYTES // max(1, bytes_per_query)))
+    """Queries per chunk: the fewest chunks within the budget, all of (nearly) equal size, so
+    no small last chunk pays a whole chunk's fixed costs."""
+    most = max(1, PARTIAL_BUDGET_BYTES // max(1, bytes_per_query))
+    n_chunks = -(-q_len // most)
+    return -(-q_len // n_chunks)

@@ -29,11 +29,14 @@ _NEG_INF = float("-inf")
 
 
 def _indexer_kernel(iq_ref, ik_ref, lo_ref, hi_ref, doc_ref, local_ref, out_ref, *,
-                    block_size: int, slots: int, keep: int, out_width: int, scale: float, precision):
+                    block_size: int, slots: int, keep: int, out_width: int, scale: float, precision,
+                    aligned: bool):
     """iq [bq, Di]; ik [S_pad, Di]; lo/hi/doc/local [bq] int32; out [bq, out_width] int32.
 
     Row i sees keys lo[i]..hi[i] (hi < lo: none); its local block is local[i] (-1: padding).
     `slots` (a power of two) >= keep = top_k - 1 running entries; slots >= keep are locked.
+    aligned: every row's document starts at key 0 (no packed documents), so block j is
+    exactly key tile j.
     """
     bq = iq_ref.shape[0]
     bk = block_size
@@ -53,13 +56,30 @@ def _indexer_kernel(iq_ref, ik_ref, lo_ref, hi_ref, doc_ref, local_ref, out_ref,
     stop = jnp.max(last_key) // bk + 1
     first = jnp.minimum(first, stop)
 
-    def body(tile, carry):
-        scores, ids, pend = carry
-        t0 = tile * bk
-        ik = ik_ref[pl.ds(t0, bk), :]
-        s = scale * jax.lax.dot_general(
+    def update(score_a, a, scores, ids):
+        """Offers each row's block `a` with score `score_a` to its running top-(top_k - 1)."""
+        lowest = jnp.min(scores, axis=1)
+        evict = jnp.max(jnp.where(scores == lowest[:, None], ids, jnp.iinfo(jnp.int32).min), axis=1)
+        take = active & (a >= 0) & (a < local) & (score_a > lowest)
+        hit = take[:, None] & (ids == evict[:, None])
+        return jnp.where(hit, score_a[:, None], scores), jnp.where(hit, a[:, None], ids)
+
+    def scores_of(tile):
+        ik = ik_ref[pl.ds(tile * bk, bk), :]
+        return scale * jax.lax.dot_general(
             iq, ik, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32, precision=precision
         )  # [bq, bk]
+
+    def interior_body(tile, carry):
+        # Block grid aligned with the tiles and the tile before every active row's local
+        # block: all its keys are visible to every active row, so no masks are needed.
+        scores, ids = carry
+        return update(jnp.max(scores_of(tile), axis=1), jnp.full((bq,), tile, jnp.int32), scores, ids)
+
+    def body(tile, carry):
+        scores, ids, pend = carry
+        s = scores_of(tile)
+        t0 = tile * bk
         t = t0 + jnp.arange(bk, dtype=jnp.int32)[None, :]
         visible = (t >= lo[:, None]) & (t <= hi[:, None])
         s = jnp.where(visible, s, _NEG_INF)
@@ -67,14 +87,15 @@ def _indexer_kernel(iq_ref, ik_ref, lo_ref, hi_ref, doc_ref, local_ref, out_ref,
         in_a = (t - doc[:, None]) < (a[:, None] + 1) * bk
         score_a = jnp.maximum(pend, jnp.max(jnp.where(in_a, s, _NEG_INF), axis=1))
         pend = jnp.max(jnp.where(in_a, _NEG_INF, s), axis=1)
+        return *update(score_a, a, scores, ids), pend
 
-        lowest = jnp.min(scores, axis=1)
-        evict = jnp.max(jnp.where(scores == lowest[:, None], ids, jnp.iinfo(jnp.int32).min), axis=1)
-        take = active & (a >= 0) & (a < local) & (score_a > lowest)
-        hit = take[:, None] & (ids == evict[:, None])
-        return jnp.where(hit, score_a[:, None], scores), jnp.where(hit, a[:, None], ids), pend
-
-    scores, ids, _ = jax.lax.fori_loop(first, stop, body, (scores0, ids0, pend0))
+    scores, ids = scores0, ids0
+    if aligned:
+        interior_stop = jnp.maximum(first, jnp.min(jnp.where(active, local, jnp.iinfo(jnp.int32).max)))
+        interior_stop = jnp.minimum(interior_stop, stop)
+        scores, ids = jax.lax.fori_loop(first, interior_stop, interior_body, (scores, ids))
+        first = interior_stop
+    scores, ids, _ = jax.lax.fori_loop(first, stop, body, (scores, ids, pend0))
 
     # Order: rank = number of entries that beat this one (higher score, or equal and smaller id).
     s_p, s_q = scores[:, :, None], scores[:, None, :]
@@ -117,6 +138,7 @@ def select_blocks(index_q, index_k, positions: Positions, cfg: MSAConfig, *, int
     kernel = functools.partial(
         _indexer_kernel, block_size=bk, slots=slots, keep=keep, out_width=out_width,
         scale=cfg.index_scale(Di), precision=common.dot_precision(index_q.dtype),
+        aligned=positions.segment_ids is None,
     )
     row_spec = pl.BlockSpec((None, tiles.block_q), lambda b, t, g: (b, t))
     out = pl.pallas_call(
