@@ -186,7 +186,7 @@ def _run(q, k, index_q, index_k, block_indices, lse, positions: Positions, cfg: 
             index_scale=index_scale, precision=common.dot_precision(q.dtype), index_precision=index_precision,
             dummy_row=n_out, dummy_key=s_pad, dkl=1.0 if with_grad else None, **shared,
         )
-        part, psum, diq_part, dik = pl.pallas_call(
+        part, psum, diq_part, dik_c = pl.pallas_call(
             kernel,
             grid=(B, Hkv, wl2.item_count.shape[-1]),
             in_specs=[item_spec] * 3 + [entry_spec] * 2 + [
@@ -201,7 +201,10 @@ def _run(q, k, index_q, index_k, block_indices, lse, positions: Positions, cfg: 
             compiler_params=params, interpret=interpret, name="msa_kl",
         )(wl2.item_start, wl2.item_count, wl2.item_tile, wl2.entry_query, wl2.entry_slot,
           q[:, sl].reshape(B, Tc * Hq, D), kp, lse_safe[:, sl].reshape(B, Tc * Hq), iq_c, ikp,
-          jnp.where(jnp.isfinite(ilse), ilse, 0.0).reshape(B, Tc * Hkv), hi[:, sl], dik)
+          jnp.where(jnp.isfinite(ilse), ilse, 0.0).reshape(B, Tc * Hkv), hi[:, sl], jnp.zeros_like(dik))
+        # A program stores (not adds) its tile's rows: each chunk starts from zeros and the
+        # chunks' contributions are summed here, as in attention_bwd.
+        dik = dik + dik_c
         ok2 = wl2.entry_ok
         row_ok = jnp.isfinite(ilse)  # non-empty support
         kl_rows = jnp.sum(jnp.where(ok2, unflat(part), 0.0), -1) + jnp.where(row_ok, ilse, 0.0) * jnp.sum(
