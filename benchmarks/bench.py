@@ -308,7 +308,14 @@ def run_case(record: dict, base: dict, op: str, impl: str, settings: dict) -> No
 
 
 def git_state() -> tuple[str, bool | None]:
-    """(commit, dirty) of the repository holding this file; ("unknown", None) outside git."""
+    """(commit, dirty) of the repository holding this file.
+
+    Outside git (the lent GPU gets a copy of the working tree, not the repository) the
+    commit comes from MSA_JAX_COMMIT, which the caller sets to the HEAD whose clean tree it
+    sent (dirty False); without it, ("unknown", None).
+    """
+    if os.environ.get("MSA_JAX_COMMIT"):
+        return os.environ["MSA_JAX_COMMIT"], False
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True

@@ -10,11 +10,14 @@ from .api import index_kl_loss as index_kl_loss
 from .api import select_blocks as select_blocks
 from .api import sparse_attention as sparse_attention
 from .config import MSAConfig as MSAConfig
+from .cuda import CudaImplementation as _CudaImplementation
 from .pallas import PallasImplementation as _PallasImplementation
 from .reference import XlaImplementation as _XlaImplementation
 
 __version__ = "0.1.0"
 
 _dispatch.register(_XlaImplementation())
+# Always registered: where it cannot run (no extension, no Hopper GPU) `supports` says why.
+_dispatch.register(_CudaImplementation())
 # No GPU: the same kernels run in Pallas interpret mode (slow, exact; for tests and CPU users).
 _dispatch.register(_PallasImplementation(interpret=_jax.default_backend() not in ("gpu", "cuda")))

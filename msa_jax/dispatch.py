@@ -16,10 +16,6 @@ from jax.sharding import PartitionSpec as P
 
 from .config import CallInfo
 
-# Why each name of the public `implementation` argument may be missing from the registry.
-_NOT_BUILT = {
-    "cuda": "the CUDA kernels are not part of this version yet",
-}
 KNOWN = ("xla", "pallas", "cuda")
 
 
@@ -92,7 +88,7 @@ def run(op: str, call: CallInfo, names: Sequence[str], fn: Callable[[Implementat
     for name in names:
         impl = _REGISTRY.get(name)
         if impl is None:
-            reasons.append(f"{name}: {_NOT_BUILT.get(name, 'not registered')}")
+            reasons.append(f"{name}: not registered")
             continue
         reason = impl.supports(call)
         if reason is not None:

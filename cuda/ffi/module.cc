@@ -9,6 +9,7 @@
 #include <type_traits>
 
 #include "cutlass/version.h"
+#include "handlers.h"
 #include "xla/ffi/api/c_api.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -27,7 +28,8 @@ nb::capsule EncapsulateFfiHandler(T* fn) {
 
 nb::dict Registrations() {
   nb::dict targets;
-  // Handlers are added here as kernels land: targets["msa_<op>"] = EncapsulateFfiHandler(...).
+  // One entry per handler (cuda/ffi/*.cc); msa_jax/ffi/ops.py calls them by these names.
+  targets["msa_select_blocks"] = EncapsulateFfiHandler(MsaSelectBlocks);
   return targets;
 }
 

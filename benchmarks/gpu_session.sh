@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# What one call of the lent GPU runs (gpu.md: batch build + test + benchmark into few calls).
+# Run from the repository root on the device, the pinned CUTLASS wheel carried in .whl/:
+#
+#   bash benchmarks/gpu_session.sh build test-cuda sanitize bench-indexer
+#
+# Steps, in the order given; each writes its log under $OUT and a failing step does not stop
+# the later ones (the exit status is the number of failed steps):
+#   build          the CUDA extension for sm_90a into the device's Python (editable install)
+#   test-cuda      pytest -m gpu of the cuda implementation and the extension loader
+#   test-pallas    pytest -m gpu of the Pallas conformance and scale tests
+#   sanitize       compute-sanitizer memcheck and racecheck on a small case of each CUDA kernel
+#   bench-indexer  bench.py, config A, indexer only, cuda and pallas, 8K / 32K / 128K
+#   bench-A        bench.py, config A, every op, pallas (and cuda where served), 8K / 32K / 128K
+#   bench-B        the same for config B
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/msa_out}
+mkdir -p "$OUT"
+# MSA_JAX_COMMIT (bench.py records it): the HEAD whose clean tree the caller sent.
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"
+failed=0
+
+run() {  # run NAME CMD...: log to $OUT/NAME.log, echo a one-line status
+  local name=$1; shift
+  local start=$SECONDS
+  "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "[$name] exit $rc in $((SECONDS - start)) s; tail:"
+  tail -n 15 "$OUT/$name.log"
+  [ $rc -eq 0 ] || failed=$((failed + 1))
+}
+
+# A small select_blocks call: what the sanitizer tools watch. The platform allocator gives
+# each buffer its own cudaMalloc, so memcheck sees an access one byte past a buffer.
+sanitize_case='
+import numpy as np, jax, jax.numpy as jnp, msa_jax
+r = np.random.default_rng(0)
+iq = jnp.asarray(r.standard_normal((2, 300, 2, 128)), jnp.bfloat16)
+ik = jnp.asarray(r.standard_normal((2, 700, 128)), jnp.bfloat16)
+out = msa_jax.select_blocks(iq, ik, top_k=16, block_size=128, q_offset=np.array([400, -50], np.int32),
+                            kv_length=np.array([700, 200], np.int32), implementation="cuda")
+print(np.asarray(out)[0, -1, 0])'
+
+for step in "$@"; do
+  case $step in
+    build)
+      run build env MSA_JAX_CUDA=ON MSA_JAX_CUDA_ARCHS=90a CMAKE_BUILD_PARALLEL_LEVEL=16 \
+        python3 -m pip install --no-build-isolation --no-deps -e . ;;
+    test-cuda)
+      run test-cuda python3 -m pytest tests/test_cuda.py tests/test_ffi_loader.py -m gpu -q --durations=10 ;;
+    test-pallas)
+      run test-pallas python3 -m pytest tests/test_pallas.py tests/test_pallas_scale.py -m gpu -q --durations=15 ;;
+    sanitize)
+      for tool in memcheck racecheck; do
+        run "sanitize-$tool" env XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false \
+          compute-sanitizer --tool "$tool" --error-exitcode 1 python3 -c "$sanitize_case"
+      done ;;
+    bench-indexer)
+      run bench-indexer python3 benchmarks/bench.py --config A --impl cuda pallas --ops indexer \
+        --n 8192 32768 131072 --repeats 5 --warmup 2 --time-limit 60 --out "$OUT" ;;
+    bench-A|bench-B)
+      run "$step" python3 benchmarks/bench.py --config "${step#bench-}" --impl cuda pallas \
+        --n 8192 32768 131072 --repeats 5 --warmup 2 --time-limit 60 --out "$OUT" ;;
+    *)
+      echo "unknown step: $step" >&2; failed=$((failed + 1)) ;;
+  esac
+done
+exit $failed

@@ -1,0 +1,33 @@
+// What the FFI handler files share: the handler symbols module.cc registers, and the two
+// helpers every handler's messages use.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <string>
+
+#include "xla/ffi/api/ffi.h"
+
+XLA_FFI_DECLARE_HANDLER_SYMBOL(MsaSelectBlocks);
+
+namespace msa {
+
+inline std::string dims_str(xla::ffi::Span<const int64_t> dims) {
+  std::string s = "[";
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + "]";
+}
+
+inline std::string dims_str(int64_t a, const char* middle, int64_t c) {
+  return std::to_string(a) + ", " + middle + ", " + std::to_string(c);
+}
+
+// cudaSuccess -> Success; anything else (a refused configuration, a launch failure) ->
+// Internal with the op's name, so the Python caller sees which kernel failed and why.
+inline xla::ffi::Error launch_error(const char* op, cudaError_t err) {
+  if (err == cudaSuccess) return xla::ffi::Error::Success();
+  return xla::ffi::Error::Internal(std::string(op) + ": kernel launch failed: " + cudaGetErrorString(err));
+}
+
+}  // namespace msa

@@ -1,0 +1,17 @@
+// Host entry points of the kernels, one per kernel family and architecture. Each checks
+// what its instantiations cannot serve (returning cudaErrorInvalidValue, never aborting),
+// builds its TMA descriptors, and launches on `stream` without synchronising.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include "msa/params.h"
+
+namespace msa {
+
+// Which (Di, top_k) the SM90 indexer is compiled for; the FFI handler and Python's
+// `supports` ask the same question (see indexer_sm90.cuh).
+bool indexer_sm90_supports(int index_head_dim, int block_size, int top_k);
+cudaError_t launch_indexer_sm90(const IndexerParams& params, cudaStream_t stream);
+
+}  // namespace msa

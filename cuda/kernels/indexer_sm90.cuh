@@ -1,0 +1,346 @@
+// Fused indexer for SM90 (spec, "Index branch"; design: shared/guide/kernels.md, "Indexer").
+//
+// One CTA per (128 queries, group g, batch row b). It streams the candidate key blocks of
+// index_k through a ring of shared-memory stages (TMA), computes S = Qi Kiᵀ on the tensor
+// cores (wgmma, fp32 accumulators), max-pools each 128-key block per query row on the fly and
+// keeps a running exp-free top-(top_k - 1) per row in registers. The local block is appended,
+// not ranked, so only blocks j < L(i) are scored, and every such block is fully visible to
+// row i: no mask. No score ever reaches device memory.
+//
+// Roles (one elected thread of warpgroup 0 loads; warpgroups 1 and 2 compute, 64 rows each):
+//   load:    Q tile once (its own barrier), then key blocks 0 .. n_blocks-1 into the ring.
+//   compute: per block: S = Q Kᵀ (64 x 128 per warpgroup); row max (a row's 128 columns sit in
+//            the 4 lanes of a quad: thread-local max, then two shuffles); one lane per row
+//            offers si * max to its row's running top-k (a compare against the cached minimum
+//            in the common case); at the end the owner lane writes the row in spec order.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cfloat>
+#include <climits>
+#include <cstdint>
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/numeric_types.h>
+#include <cutlass/pipeline/sm90_pipeline.hpp>
+
+#include "msa/params.h"
+
+namespace msa::indexer_sm90 {
+
+using namespace cute;
+
+constexpr int kBlock = 128;        // keys per block = keys per TMA tile (block_size must be 128)
+constexpr int kRowsPerWarpGroup = 64;  // wgmma M
+constexpr int kComputeWarpGroups = 2;
+constexpr int kRows = kRowsPerWarpGroup * kComputeWarpGroups;  // queries per CTA
+constexpr int kThreads = 128 * (1 + kComputeWarpGroups);
+// Registers per thread after setmaxnreg: the loader needs few; 2 x 232 + 40 <= 512 per lane.
+constexpr int kLoadRegisters = 40;
+constexpr int kComputeRegisters = 232;
+
+// Ring depth: about 128 KB of key tiles in flight (32 KB per stage at Di = 128).
+constexpr int stages_for(int index_head_dim) { return index_head_dim == 128 ? 4 : 8; }
+
+template <int kDi_, int kKeep_>
+struct Config {
+  static constexpr int kDi = kDi_;
+  static constexpr int kKeep = kKeep_;  // running entries per row (>= top_k - 1; extra ones locked)
+  static constexpr int kStages = stages_for(kDi);
+  using Element = cutlass::bfloat16_t;
+  using SmemLayoutQ =
+      decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{}, Shape<Int<kRows>, Int<kDi>>{}));
+  using SmemLayoutK = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
+                                             Shape<Int<kBlock>, Int<kDi>, Int<kStages>>{}));
+  // Two warpgroups along M; each issues its own 64 x 128 x 16 wgmmas.
+  using TiledMma = decltype(make_tiled_mma(
+      SM90_64x128x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>{},
+      Layout<Shape<Int<kComputeWarpGroups>, _1, _1>>{}));
+  using Pipeline = cutlass::PipelineTmaAsync<kStages>;
+  static constexpr uint32_t kQBytes = kRows * kDi * sizeof(Element);
+  static constexpr uint32_t kKBytes = kBlock * kDi * sizeof(Element);
+
+  struct SharedStorage {
+    array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> q;
+    array_aligned<Element, cosize_v<SmemLayoutK>, 1024> k;
+    typename Pipeline::SharedStorage pipeline;
+    uint64_t q_full;  // mbarrier: the Q tile has landed
+  };
+
+  // index_q [B, T, Hkv, Di] seen as (T, Di, Hkv, B); index_k [B, S, Di] as (S, Di, B).
+  CUTE_HOST_DEVICE static auto q_shape(const IndexerParams& p) {
+    return make_shape(p.q_len, Int<kDi>{}, p.num_kv_heads, p.batch);
+  }
+  CUTE_HOST_DEVICE static auto k_shape(const IndexerParams& p) {
+    return make_shape(p.kv_len, Int<kDi>{}, p.batch);
+  }
+  static auto q_tensor(const IndexerParams& p) {
+    return make_tensor(
+        make_gmem_ptr(static_cast<const Element*>(p.index_q)),
+        q_shape(p),
+        make_stride(int64_t(p.num_kv_heads) * kDi, _1{}, int64_t(kDi),
+                    int64_t(p.q_len) * p.num_kv_heads * kDi));
+  }
+  static auto k_tensor(const IndexerParams& p) {
+    return make_tensor(make_gmem_ptr(static_cast<const Element*>(p.index_k)),
+                       k_shape(p),
+                       make_stride(int64_t(kDi), _1{}, int64_t(p.kv_len) * kDi));
+  }
+  static auto make_tma_q(const IndexerParams& p) {
+    return make_tma_copy(SM90_TMA_LOAD{}, q_tensor(p), SmemLayoutQ{});
+  }
+  static auto make_tma_k(const IndexerParams& p) {
+    return make_tma_copy(SM90_TMA_LOAD{}, k_tensor(p), SmemLayoutK{}(_, _, 0));
+  }
+  using TmaQ = decltype(make_tma_q(IndexerParams{}));
+  using TmaK = decltype(make_tma_k(IndexerParams{}));
+};
+
+template <class Cfg>
+struct KernelArgs {
+  IndexerParams p;
+  typename Cfg::TmaQ tma_q;
+  typename Cfg::TmaK tma_k;
+};
+
+// ((2 cols, 2 rows, N/8), MMA_M, MMA_N) accumulator layout of SM90 wgmma -> (rows, cols).
+template <class Layout>
+CUTE_HOST_DEVICE auto rows_by_cols(Layout const& l) {
+  auto v = get<0>(l);
+  return make_layout(make_layout(get<1>(v), get<1>(l)),
+                     make_layout(get<0>(v), get<2>(v), get<2>(l)));
+}
+
+// The running top-(keep) of one query row over blocks offered in increasing id order.
+// Entries: (score, id). Unused ones are (-inf, kEmpty), so they are evicted first; slots at
+// or past `keep` are (+inf, kLocked), never evicted and never output. A new block enters iff
+// it scores strictly above the current minimum (an equal score loses: its id is larger);
+// among minima the largest id is evicted. Both rules together give the spec's tie rule.
+template <int kKeep>
+struct RunningTopK {
+  static constexpr int kEmpty = INT_MAX;
+  static constexpr int kLocked = -2;
+  float score[kKeep];
+  int id[kKeep];
+  float low;     // current minimum score
+  int low_slot;  // where it sits
+
+  __device__ explicit RunningTopK(int keep) {
+    CUTE_UNROLL
+    for (int e = 0; e < kKeep; ++e) {
+      score[e] = e < keep ? -INFINITY : INFINITY;
+      id[e] = e < keep ? kEmpty : kLocked;
+    }
+    refresh();
+  }
+
+  __device__ void refresh() {
+    low = INFINITY;
+    int low_id = INT_MIN;
+    low_slot = 0;
+    CUTE_UNROLL
+    for (int e = 0; e < kKeep; ++e) {
+      if (score[e] < low || (score[e] == low && id[e] > low_id)) {
+        low = score[e];
+        low_id = id[e];
+        low_slot = e;
+      }
+    }
+  }
+
+  __device__ void offer(float s, int block) {
+    if (s > low) {
+      CUTE_UNROLL
+      for (int e = 0; e < kKeep; ++e) {  // compile-time indices keep the arrays in registers
+        if (e == low_slot) {
+          score[e] = s;
+          id[e] = block;
+        }
+      }
+      refresh();
+    }
+  }
+
+  __device__ static bool real(int block) { return block >= 0 && block != kEmpty; }
+
+  // Writes the spec's row: chosen ids by descending score (ties: smaller id), the local
+  // block, then -1.
+  __device__ void write_row(int32_t* out, int top_k, int local) const {
+    int n = 0;
+    CUTE_UNROLL
+    for (int e = 0; e < kKeep; ++e) {
+      if (real(id[e])) {
+        int rank = 0;
+        CUTE_UNROLL
+        for (int f = 0; f < kKeep; ++f) {
+          rank += real(id[f]) && (score[f] > score[e] || (score[f] == score[e] && id[f] < id[e]));
+        }
+        out[rank] = id[e];
+        ++n;
+      }
+    }
+    out[n] = local;
+    for (int k = n + 1; k < top_k; ++k) out[k] = -1;
+  }
+};
+
+template <class Cfg>
+__global__ void __launch_bounds__(kThreads, 1)
+    indexer_kernel(const __grid_constant__ KernelArgs<Cfg> args) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Element = typename Cfg::Element;
+  using Pipeline = typename Cfg::Pipeline;
+  constexpr int kDi = Cfg::kDi;
+  extern __shared__ __align__(1024) char smem_raw[];
+  auto& smem = *reinterpret_cast<typename Cfg::SharedStorage*>(smem_raw);
+  const IndexerParams& p = args.p;
+
+  const int warp_group = threadIdx.x / 128;
+  const int warp = threadIdx.x / 32;
+  const int lane_predicate = cute::elect_one_sync();
+  const int q_tile = gridDim.x - 1 - blockIdx.x;  // the rows with the most blocks start first
+  const int g = blockIdx.y;
+  const int b = blockIdx.z;
+  const int t0 = q_tile * kRows;
+  // Clamped so that no int32 content can send a load or a block id out of range; values
+  // outside these ranges make the same rows padding as the bounds themselves do.
+  const int q_offset = min(max(p.q_offset[b], -p.q_len), p.kv_len);
+  const int kv_length = min(max(p.kv_length[b], 0), p.kv_len);
+  // Valid rows t: t < T and 0 <= q_offset + t < kv_length; a contiguous range [t_lo, t_hi].
+  const int t_lo = max(t0, -q_offset);
+  const int t_hi = min(min(t0 + kRows, p.q_len), kv_length - q_offset) - 1;
+  // Candidate blocks of the tile: j < L(t_hi), the largest local block among its rows.
+  const int n_blocks = t_hi >= t_lo ? (q_offset + t_hi) / kBlock : 0;
+
+  typename Pipeline::Params pipe_params;
+  pipe_params.transaction_bytes = Cfg::kKBytes;
+  pipe_params.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer
+                                     : Pipeline::ThreadCategory::Consumer;
+  pipe_params.is_leader = warp == 0 && lane_predicate;
+  pipe_params.num_consumers = 128 * kComputeWarpGroups;
+  Pipeline pipeline(smem.pipeline, pipe_params, Shape<_1, _1, _1>{});
+  if (warp == 0 && lane_predicate) cutlass::arch::ClusterTransactionBarrier::init(&smem.q_full, 1);
+  cutlass::arch::fence_barrier_init();
+  __syncthreads();
+
+  Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Cfg::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Cfg::SmemLayoutK{});
+
+  if (warp_group == 0) {
+    cutlass::arch::warpgroup_reg_dealloc<kLoadRegisters>();
+    if (warp == 0 && lane_predicate && n_blocks > 0) {
+      cute::prefetch_tma_descriptor(args.tma_q.get_tma_descriptor());
+      cute::prefetch_tma_descriptor(args.tma_k.get_tma_descriptor());
+      Tensor mQ = args.tma_q.get_tma_tensor(Cfg::q_shape(p));
+      Tensor gQ = local_tile(mQ(_, _, g, b), Shape<Int<kRows>, Int<kDi>>{}, make_coord(q_tile, 0));
+      auto tma_q = args.tma_q.get_slice(0);
+      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.q_full, Cfg::kQBytes);
+      copy(args.tma_q.with(smem.q_full), tma_q.partition_S(gQ), tma_q.partition_D(sQ));
+
+      Tensor mK = args.tma_k.get_tma_tensor(Cfg::k_shape(p));
+      Tensor gK = local_tile(mK(_, _, b), Shape<Int<kBlock>, Int<kDi>>{}, make_coord(_, 0));
+      auto tma_k = args.tma_k.get_slice(0);
+      Tensor tKgK = tma_k.partition_S(gK);  // (TMA, TMA_M, TMA_K, blocks)
+      Tensor tKsK = tma_k.partition_D(sK);  // (TMA, TMA_M, TMA_K, stages)
+      auto write = cutlass::make_producer_start_state<Pipeline>();
+      for (int j = 0; j < n_blocks; ++j) {
+        pipeline.producer_acquire(write);
+        copy(args.tma_k.with(*pipeline.producer_get_barrier(write)), tKgK(_, _, _, j),
+             tKsK(_, _, _, write.index()));
+        ++write;
+      }
+    }
+  } else {
+    cutlass::arch::warpgroup_reg_alloc<kComputeRegisters>();
+    const int thread = threadIdx.x - 128;
+    typename Cfg::TiledMma mma;
+    auto thr = mma.get_thread_slice(thread);
+    Tensor tSrQ = thr.make_fragment_A(thr.partition_A(sQ));  // (MMA, MMA_M, MMA_K)
+    Tensor tSrK = thr.make_fragment_B(thr.partition_B(sK));  // (MMA, MMA_N, MMA_K, stages)
+    Tensor acc = partition_fragment_C(mma, Shape<Int<kRows>, Int<kBlock>>{});
+    Tensor s = make_tensor(acc.data(), rows_by_cols(acc.layout()));  // (2 rows, 64 cols)
+    Tensor coord = thr.partition_C(make_identity_tensor(Shape<Int<kRows>, Int<kBlock>>{}));
+    Tensor coord_rc = make_tensor(coord.data(), rows_by_cols(coord.layout()));
+    static_assert(size<0>(decltype(s){}) == 2, "a thread holds two rows of S");
+
+    // The quad of lanes 4q..4q+3 shares two rows; lane 4q owns the first, 4q+1 the second.
+    const int lane = threadIdx.x % 32;
+    const int mine = lane & 1;
+    const bool owner = (lane & 2) == 0;
+    const int t = t0 + get<0>(coord_rc(mine, 0));
+    const int pos = q_offset + t;
+    const bool valid = t < p.q_len && pos >= 0 && pos < kv_length;
+    const int local = valid ? pos / kBlock : 0;
+    const float scale = p.index_softmax_scale;
+    RunningTopK<Cfg::kKeep> top(p.top_k - 1);
+
+    if (n_blocks > 0) cutlass::arch::ClusterBarrier::wait(&smem.q_full, 0);
+    cutlass::PipelineState<Cfg::kStages> read;
+    for (int j = 0; j < n_blocks; ++j) {
+      pipeline.consumer_wait(read);
+      warpgroup_fence_operand(acc);
+      warpgroup_arrive();
+      mma.accumulate_ = GMMA::ScaleOut::Zero;
+      CUTE_UNROLL
+      for (int kb = 0; kb < size<2>(tSrQ); ++kb) {  // S = Q Kᵀ over Di in steps of 16
+        cute::gemm(mma, tSrQ(_, _, kb), tSrK(_, _, kb, read.index()), acc);
+        mma.accumulate_ = GMMA::ScaleOut::One;
+      }
+      warpgroup_commit_batch();
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc);
+      pipeline.consumer_release(read);
+      ++read;
+
+      float m0 = -INFINITY, m1 = -INFINITY;  // M(i, g, j) before the scale, two rows
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(s); ++c) {
+        m0 = fmaxf(m0, s(0, c));
+        m1 = fmaxf(m1, s(1, c));
+      }
+      m0 = fmaxf(m0, __shfl_xor_sync(0xffffffff, m0, 1));
+      m1 = fmaxf(m1, __shfl_xor_sync(0xffffffff, m1, 1));
+      m0 = fmaxf(m0, __shfl_xor_sync(0xffffffff, m0, 2));
+      m1 = fmaxf(m1, __shfl_xor_sync(0xffffffff, m1, 2));
+      if (owner && j < local) top.offer(scale * (mine ? m1 : m0), j);
+    }
+
+    if (owner && t < p.q_len) {
+      int32_t* row = p.block_indices + ((int64_t(b) * p.q_len + t) * p.num_kv_heads + g) * p.top_k;
+      if (valid) {
+        top.write_row(row, p.top_k, local);
+      } else {
+        for (int k = 0; k < p.top_k; ++k) row[k] = -1;  // padding query (spec, "Positions")
+      }
+    }
+  }
+#endif
+}
+
+inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+template <int kDi, int kKeep>
+cudaError_t launch(const IndexerParams& p, cudaStream_t stream) {
+  using Cfg = Config<kDi, kKeep>;
+  // TMA needs 16-byte aligned bases (the row strides, multiples of Di * 2 bytes, always are);
+  // a descriptor that fails to encode would make the kernel read garbage, so refuse here.
+  if (!aligned16(p.index_q) || !aligned16(p.index_k) || p.index_head_dim != kDi ||
+      p.block_size != kBlock || p.top_k < 1 || p.top_k - 1 > kKeep || p.batch < 1 ||
+      p.q_len < 1 || p.kv_len < 1 || p.num_kv_heads < 1 || p.num_kv_heads > 65535 ||
+      p.batch > 65535) {
+    return cudaErrorInvalidValue;
+  }
+  KernelArgs<Cfg> args{p, Cfg::make_tma_q(p), Cfg::make_tma_k(p)};
+  auto* kernel = &indexer_kernel<Cfg>;
+  constexpr int smem_bytes = sizeof(typename Cfg::SharedStorage);
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+  if (err != cudaSuccess) return err;
+  dim3 grid((p.q_len + kRows - 1) / kRows, p.num_kv_heads, p.batch);
+  kernel<<<grid, kThreads, smem_bytes, stream>>>(args);
+  return cudaGetLastError();
+}
+
+}  // namespace msa::indexer_sm90
