@@ -8,7 +8,8 @@
 # the later ones (the exit status is the number of failed steps):
 #   build          the CUDA extension for sm_90a into the device's Python (editable install)
 #   test-cuda      pytest -m gpu of the cuda implementation and the extension loader
-#   test-pallas    pytest -m gpu of the Pallas conformance and scale tests
+#   test-pallas    pytest -m gpu of the Pallas scale tests (issue #4's acceptance at 4K / 32K)
+#   test-pallas-suite  the whole conformance suite against pallas on the GPU (TestPallasGPU)
 #   sanitize       compute-sanitizer memcheck and racecheck on a small case of each CUDA kernel
 #   bench-indexer  bench.py, config A, indexer only, cuda and pallas, 8K / 32K / 128K
 #   bench-A        bench.py, config A, every op, pallas (and cuda where served), 8K / 32K / 128K
@@ -50,7 +51,9 @@ for step in "$@"; do
     test-cuda)
       run test-cuda python3 -m pytest tests/test_cuda.py tests/test_ffi_loader.py -m gpu -q --durations=10 ;;
     test-pallas)
-      run test-pallas python3 -m pytest tests/test_pallas.py tests/test_pallas_scale.py -m gpu -q --durations=15 ;;
+      run test-pallas python3 -m pytest tests/test_pallas_scale.py -m gpu -q --durations=15 ;;
+    test-pallas-suite)
+      run test-pallas-suite python3 -m pytest tests/test_pallas.py -m gpu -q --durations=15 ;;
     sanitize)
       for tool in memcheck racecheck; do
         run "sanitize-$tool" env XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false \

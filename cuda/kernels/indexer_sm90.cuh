@@ -48,7 +48,7 @@ constexpr int stages_for(int index_head_dim) { return index_head_dim == 128 ? 4 
 template <int kDi_, int kKeep_>
 struct Config {
   static constexpr int kDi = kDi_;
-  static constexpr int kKeep = kKeep_;  // running entries per row (>= top_k - 1; extra ones locked)
+  static constexpr int kKeep = kKeep_;  // running entries per row, >= top_k - 1 (odd: see SharedStorage)
   static constexpr int kStages = stages_for(kDi);
   using Element = cutlass::bfloat16_t;
   using SmemLayoutQ =
@@ -68,6 +68,8 @@ struct Config {
     array_aligned<Element, cosize_v<SmemLayoutK>, 1024> k;
     typename Pipeline::SharedStorage pipeline;
     uint64_t q_full;  // mbarrier: the Q tile has landed
+    float top_score[kRows][kKeep];  // each row's running top-k (RunningTopK), odd row
+    int top_id[kRows][kKeep];       // stride: the owner lanes of a warp hit distinct banks
   };
 
   // index_q [B, T, Hkv, Di] seen as (T, Di, Hkv, B); index_k [B, S, Di] as (S, Di, B).
@@ -115,72 +117,61 @@ CUTE_HOST_DEVICE auto rows_by_cols(Layout const& l) {
 }
 
 // The running top-(keep) of one query row over blocks offered in increasing id order.
-// Entries: (score, id). Unused ones are (-inf, kEmpty), so they are evicted first; slots at
-// or past `keep` are (+inf, kLocked), never evicted and never output. A new block enters iff
-// it scores strictly above the current minimum (an equal score loses: its id is larger);
-// among minima the largest id is evicted. Both rules together give the spec's tie rule.
-template <int kKeep>
+// The entries (score, id) live in shared memory, one row per owner lane, so the common
+// path (a compare against the cached minimum) costs two registers and the rare insertion
+// needs no compile-time indexing. Unused entries are (-inf, kEmpty), so they are evicted
+// first. A new block enters iff it scores strictly above the current minimum (an equal
+// score loses: its id is larger); among minima the largest id is evicted. Both rules
+// together give the spec's tie rule.
 struct RunningTopK {
   static constexpr int kEmpty = INT_MAX;
-  static constexpr int kLocked = -2;
-  float score[kKeep];
-  int id[kKeep];
-  float low;     // current minimum score
+  float* score;  // [keep] in shared memory, this row's
+  int* id;
+  int keep;
+  float low;     // current minimum score (+inf when keep is 0: nothing ever enters)
   int low_slot;  // where it sits
 
-  __device__ explicit RunningTopK(int keep) {
-    CUTE_UNROLL
-    for (int e = 0; e < kKeep; ++e) {
-      score[e] = e < keep ? -INFINITY : INFINITY;
-      id[e] = e < keep ? kEmpty : kLocked;
+  __device__ RunningTopK(float* score_row, int* id_row, int keep_) : score(score_row), id(id_row), keep(keep_) {
+    for (int e = 0; e < keep; ++e) {
+      score[e] = -INFINITY;
+      id[e] = kEmpty;
     }
-    refresh();
-  }
-
-  __device__ void refresh() {
-    low = INFINITY;
-    int low_id = INT_MIN;
+    low = keep > 0 ? -INFINITY : INFINITY;
     low_slot = 0;
-    CUTE_UNROLL
-    for (int e = 0; e < kKeep; ++e) {
-      if (score[e] < low || (score[e] == low && id[e] > low_id)) {
-        low = score[e];
-        low_id = id[e];
-        low_slot = e;
-      }
-    }
   }
 
   __device__ void offer(float s, int block) {
     if (s > low) {
-      CUTE_UNROLL
-      for (int e = 0; e < kKeep; ++e) {  // compile-time indices keep the arrays in registers
-        if (e == low_slot) {
-          score[e] = s;
-          id[e] = block;
+      score[low_slot] = s;
+      id[low_slot] = block;
+      low = INFINITY;
+      int low_id = INT_MIN;
+      for (int e = 0; e < keep; ++e) {
+        const float se = score[e];
+        const int ie = id[e];
+        if (se < low || (se == low && ie > low_id)) {
+          low = se;
+          low_id = ie;
+          low_slot = e;
         }
       }
-      refresh();
     }
   }
-
-  __device__ static bool real(int block) { return block >= 0 && block != kEmpty; }
 
   // Writes the spec's row: chosen ids by descending score (ties: smaller id), the local
   // block, then -1.
   __device__ void write_row(int32_t* out, int top_k, int local) const {
     int n = 0;
-    CUTE_UNROLL
-    for (int e = 0; e < kKeep; ++e) {
-      if (real(id[e])) {
-        int rank = 0;
-        CUTE_UNROLL
-        for (int f = 0; f < kKeep; ++f) {
-          rank += real(id[f]) && (score[f] > score[e] || (score[f] == score[e] && id[f] < id[e]));
-        }
-        out[rank] = id[e];
-        ++n;
+    for (int e = 0; e < keep; ++e) {
+      const float se = score[e];
+      const int ie = id[e];
+      if (ie == kEmpty) continue;
+      int rank = 0;
+      for (int f = 0; f < keep; ++f) {
+        rank += id[f] != kEmpty && (score[f] > se || (score[f] == se && id[f] < ie));
       }
+      out[rank] = ie;
+      ++n;
     }
     out[n] = local;
     for (int k = n + 1; k < top_k; ++k) out[k] = -1;
@@ -260,60 +251,105 @@ __global__ void __launch_bounds__(kThreads, 1)
     auto thr = mma.get_thread_slice(thread);
     Tensor tSrQ = thr.make_fragment_A(thr.partition_A(sQ));  // (MMA, MMA_M, MMA_K)
     Tensor tSrK = thr.make_fragment_B(thr.partition_B(sK));  // (MMA, MMA_N, MMA_K, stages)
-    Tensor acc = partition_fragment_C(mma, Shape<Int<kRows>, Int<kBlock>>{});
-    Tensor s = make_tensor(acc.data(), rows_by_cols(acc.layout()));  // (2 rows, 64 cols)
     Tensor coord = thr.partition_C(make_identity_tensor(Shape<Int<kRows>, Int<kBlock>>{}));
     Tensor coord_rc = make_tensor(coord.data(), rows_by_cols(coord.layout()));
-    static_assert(size<0>(decltype(s){}) == 2, "a thread holds two rows of S");
 
     // The quad of lanes 4q..4q+3 shares two rows; lane 4q owns the first, 4q+1 the second.
     const int lane = threadIdx.x % 32;
     const int mine = lane & 1;
     const bool owner = (lane & 2) == 0;
-    const int t = t0 + get<0>(coord_rc(mine, 0));
+    const int row = get<0>(coord_rc(mine, 0));  // this lane's row in the tile, if it owns one
+    const int t = t0 + row;
     const int pos = q_offset + t;
     const bool valid = t < p.q_len && pos >= 0 && pos < kv_length;
     const int local = valid ? pos / kBlock : 0;
     const float scale = p.index_softmax_scale;
-    RunningTopK<Cfg::kKeep> top(p.top_k - 1);
+    RunningTopK top(smem.top_score[row], smem.top_id[row], owner ? p.top_k - 1 : 0);
 
-    if (n_blocks > 0) cutlass::arch::ClusterBarrier::wait(&smem.q_full, 0);
-    cutlass::PipelineState<Cfg::kStages> read;
-    for (int j = 0; j < n_blocks; ++j) {
-      pipeline.consumer_wait(read);
+    // S = Q Kᵀ of one block into `acc`, issued asynchronously (wgmma over Di in steps of 16).
+    auto issue = [&](auto& acc, int stage) {
       warpgroup_fence_operand(acc);
       warpgroup_arrive();
       mma.accumulate_ = GMMA::ScaleOut::Zero;
       CUTE_UNROLL
-      for (int kb = 0; kb < size<2>(tSrQ); ++kb) {  // S = Q Kᵀ over Di in steps of 16
-        cute::gemm(mma, tSrQ(_, _, kb), tSrK(_, _, kb, read.index()), acc);
+      for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
+        cute::gemm(mma, tSrQ(_, _, kb), tSrK(_, _, kb, stage), acc);
         mma.accumulate_ = GMMA::ScaleOut::One;
       }
       warpgroup_commit_batch();
-      warpgroup_wait<0>();
+    };
+    // Row maxima of a finished block (M(i, g, j) before the scale), offered to the top-k.
+    auto pool = [&](auto& acc, int j) {
       warpgroup_fence_operand(acc);
-      pipeline.consumer_release(read);
-      ++read;
-
-      float m0 = -INFINITY, m1 = -INFINITY;  // M(i, g, j) before the scale, two rows
+      Tensor s = make_tensor(acc.data(), rows_by_cols(acc.layout()));  // (2 rows, 64 cols)
+      static_assert(size<0>(decltype(s){}) == 2, "a thread holds two rows of S");
+      constexpr int kCols = size<1>(decltype(s){});
+      float m[2][4];  // four independent chains per row: short dependency chains
       CUTE_UNROLL
-      for (int c = 0; c < size<1>(s); ++c) {
-        m0 = fmaxf(m0, s(0, c));
-        m1 = fmaxf(m1, s(1, c));
+      for (int r = 0; r < 2; ++r) {
+        CUTE_UNROLL
+        for (int c = 0; c < 4; ++c) m[r][c] = s(r, c);
+        CUTE_UNROLL
+        for (int c = 4; c < kCols; ++c) m[r][c % 4] = fmaxf(m[r][c % 4], s(r, c));
       }
+      float m0 = fmaxf(fmaxf(m[0][0], m[0][1]), fmaxf(m[0][2], m[0][3]));
+      float m1 = fmaxf(fmaxf(m[1][0], m[1][1]), fmaxf(m[1][2], m[1][3]));
       m0 = fmaxf(m0, __shfl_xor_sync(0xffffffff, m0, 1));
       m1 = fmaxf(m1, __shfl_xor_sync(0xffffffff, m1, 1));
       m0 = fmaxf(m0, __shfl_xor_sync(0xffffffff, m0, 2));
       m1 = fmaxf(m1, __shfl_xor_sync(0xffffffff, m1, 2));
       if (owner && j < local) top.offer(scale * (mine ? m1 : m0), j);
+    };
+
+    // Two accumulators in turn: block j + 1's wgmmas run while block j is pooled.
+    Tensor acc0 = partition_fragment_C(mma, Shape<Int<kRows>, Int<kBlock>>{});
+    Tensor acc1 = partition_fragment_C(mma, Shape<Int<kRows>, Int<kBlock>>{});
+    cutlass::PipelineState<Cfg::kStages> wait_state, release_state;
+    auto issue_next = [&](auto& acc) {
+      pipeline.consumer_wait(wait_state);
+      issue(acc, wait_state.index());
+      ++wait_state;
+    };
+    // Block j's accumulator is pooled once at most one wgmma group (the next block's) is
+    // still running; a loop body of fixed shape lets ptxas see that the group in flight
+    // never writes the registers being read.
+    auto finish_with_next_in_flight = [&](auto& acc, int j) {
+      warpgroup_wait<1>();
+      pipeline.consumer_release(release_state);
+      ++release_state;
+      pool(acc, j);
+    };
+    auto finish_last = [&](auto& acc, int j) {
+      warpgroup_wait<0>();
+      pipeline.consumer_release(release_state);
+      ++release_state;
+      pool(acc, j);
+    };
+    if (n_blocks > 0) {
+      cutlass::arch::ClusterBarrier::wait(&smem.q_full, 0);
+      issue_next(acc0);  // block 0
+      int j = 0;
+      for (; j + 2 < n_blocks; j += 2) {  // on entry acc0 holds block j, in flight
+        issue_next(acc1);
+        finish_with_next_in_flight(acc0, j);
+        issue_next(acc0);
+        finish_with_next_in_flight(acc1, j + 1);
+      }
+      if (j + 1 < n_blocks) {
+        issue_next(acc1);
+        finish_with_next_in_flight(acc0, j);
+        finish_last(acc1, j + 1);
+      } else {
+        finish_last(acc0, j);
+      }
     }
 
     if (owner && t < p.q_len) {
-      int32_t* row = p.block_indices + ((int64_t(b) * p.q_len + t) * p.num_kv_heads + g) * p.top_k;
+      int32_t* out = p.block_indices + ((int64_t(b) * p.q_len + t) * p.num_kv_heads + g) * p.top_k;
       if (valid) {
-        top.write_row(row, p.top_k, local);
+        top.write_row(out, p.top_k, local);
       } else {
-        for (int k = 0; k < p.top_k; ++k) row[k] = -1;  // padding query (spec, "Positions")
+        for (int k = 0; k < p.top_k; ++k) out[k] = -1;  // padding query (spec, "Positions")
       }
     }
   }
