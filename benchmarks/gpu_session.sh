@@ -49,11 +49,11 @@ for step in "$@"; do
       run build env MSA_JAX_CUDA=ON MSA_JAX_CUDA_ARCHS=90a CMAKE_BUILD_PARALLEL_LEVEL=16 \
         python3 -m pip install --no-build-isolation --no-deps -e . ;;
     test-cuda)
-      run test-cuda python3 -m pytest tests/test_cuda.py tests/test_ffi_loader.py -m gpu -q --durations=10 ;;
+      run test-cuda python3 -m pytest tests/test_cuda.py tests/test_ffi_loader.py -m gpu -v --durations=10 ;;
     test-pallas)
-      run test-pallas python3 -m pytest tests/test_pallas_scale.py -m gpu -q --durations=15 ;;
+      run test-pallas python3 -m pytest tests/test_pallas_scale.py -m gpu -v --durations=15 ;;
     test-pallas-suite)
-      run test-pallas-suite python3 -m pytest tests/test_pallas.py -m gpu -q --durations=15 ;;
+      run test-pallas-suite python3 -m pytest tests/test_pallas.py -m gpu -v --durations=15 ;;
     sanitize)
       for tool in memcheck racecheck; do
         run "sanitize-$tool" env XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false \
