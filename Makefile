@@ -7,7 +7,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 MSA_JAX_CUDA ?= OFF
-PYTEST_ARGS ?= -m "not gpu"
+# Two workers: the 2-core CI machine is otherwise ~1.3 cores busy.
+PYTEST_ARGS ?= -m "not gpu" -n 2
 
 .PHONY: install test demo clean
 

@@ -2,7 +2,7 @@
 
 On CPU the kernels run in Pallas interpret mode: exact but slow, so the CPU run uses small
 shapes that still cover every feature of the sweep (G 1..16, T < S, ragged kv_length,
-packed documents, decode, bf16, fp16, block 64). The `gpu`-marked class runs the full sweep on a GPU.
+packed documents, decode, bf16, fp16, block 64, top_k 32). The `gpu`-marked class runs the full sweep on a GPU.
 """
 
 import jax
@@ -24,6 +24,7 @@ SMALL_CASES = (
     Case(2, 8, 100, 8, 2, 16, 16, 16, 4, "bfloat16", q_offset=(92, 40)),
     Case(2, 1, 90, 16, 2, 16, 16, 16, 3, "float32", kv_length=(90, 50)),
     Case(1, 320, 320, 4, 1, 64, 64, 64, 3, "float16"),  # block 64, fp16
+    Case(1, 560, 560, 2, 1, 16, 16, 16, 32, "float32"),  # top_k 32: queries past 512 choose 31 of up to 34
 )
 
 
