@@ -2,7 +2,8 @@
 
 On CPU the kernels run in Pallas interpret mode: exact but slow, so the CPU run uses small
 shapes that still cover every feature of the sweep (G 1..16, T < S, ragged kv_length,
-packed documents, decode, bf16, fp16, block 64, top_k 32). The `gpu`-marked class runs the full sweep on a GPU.
+packed documents, decode, bf16, fp16, block 64, top_k 32). The `gpu`-marked class runs the
+full sweep on a GPU.
 """
 
 import jax

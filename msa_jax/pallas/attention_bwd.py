@@ -20,7 +20,7 @@ from jax.experimental import pallas as pl
 
 from .. import positions as pos_lib
 from ..config import MSAConfig, Positions
-from . import attention_fwd, common, worklist
+from . import common, worklist
 
 _NEG_INF = float("-inf")
 
@@ -97,7 +97,7 @@ def attention_bwd(q, k, v, block_indices, positions: Positions, cfg: MSAConfig, 
     lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
     packed = positions.segment_ids is not None
     tiles = common.attention_tiles(G, D)
-    kp, vp = attention_fwd.pad_kv(k, bk), attention_fwd.pad_kv(v, bk)
+    kp, vp = common.pad_keys(k, bk), common.pad_keys(v, bk)
     s_pad = kp.shape[1]
 
     dk = jnp.zeros((B, s_pad + 1, Hkv, D), jnp.float32)

@@ -5,8 +5,9 @@ of K and V) and gathers the rows of the queries that selected it: `rows` queries
 so the matrix unit sees rows * G rows however small G is; a program walks up to
 `item_steps` such row groups of the same tile, so K and V are loaded once per item. It
 writes, per (query, slot, head), a normalised partial output in q's dtype and its
-log-sum-exp in fp32; `combine` merges a query's partials by log-sum-exp. Queries are processed in chunks so the partial buffer
-stays bounded (partial_budget_bytes), whatever T is.
+log-sum-exp in fp32; `combine` merges a query's partials by log-sum-exp. Queries are
+processed in chunks so the partial buffer stays bounded (common.PARTIAL_BUDGET_BYTES),
+whatever T is.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def _partials(q, kp, vp, hi, c0: int, block_indices, qpos, doc, valid, cfg: MSAC
     """Partials for the query chunk starting at query c0 (block_indices, qpos, doc, valid:
     the chunk's rows; q [B, T, Hq, D] and hi [B, T]: all queries, so no slice is copied):
     o [B, Tc, K, Hq, D] (q's dtype, normalised; None when vp is None), lse [B, Tc, K, Hq]
-    f32, ok [B, Tc, Hkv, K]. kp, vp: k and v padded by `pad_kv`."""
+    f32, ok [B, Tc, Hkv, K]. kp, vp: k and v padded by `common.pad_keys`."""
     B, T_all, Hq, D = q.shape
     T = block_indices.shape[1]
     S, s_pad, Hkv = kv_len, kp.shape[1], kp.shape[2]
@@ -94,9 +95,10 @@ def _partials(q, kp, vp, hi, c0: int, block_indices, qpos, doc, valid, cfg: MSAC
                         rows=tiles.rows * tiles.item_steps, packed=packed)
     n_items = wl.item_count.shape[-1]
     n_out = T * K * Hq
+    with_out = vp is not None
     kernel = functools.partial(
         _fwd_kernel, rows=tiles.rows, matrix_rows=tiles.matrix_rows, group=G, num_q_heads=Hq, top_k=K, block_size=bk,
-        scale=cfg.scale(D), precision=common.dot_precision(q.dtype), dummy_row=n_out, with_out=vp is not None,
+        scale=cfg.scale(D), precision=common.dot_precision(q.dtype), dummy_row=n_out, with_out=with_out,
     )
     item_spec = pl.BlockSpec((None, None, 1), lambda b, g, i: (b, g, i))
     entry_spec = pl.BlockSpec((None, None, T * K), lambda b, g, i: (b, g, 0))
@@ -108,7 +110,6 @@ def _partials(q, kp, vp, hi, c0: int, block_indices, qpos, doc, valid, cfg: MSAC
     lse_spec = pl.BlockSpec((None, n_out + 1), lambda b, g, i: (b, 0))
     o_shape = jax.ShapeDtypeStruct((B, n_out + 1, D), q.dtype)
     lse_shape = jax.ShapeDtypeStruct((B, n_out + 1), jnp.float32)
-    with_out = vp is not None
     results = pl.pallas_call(
         kernel,
         grid=(B, Hkv, n_items),
@@ -124,13 +125,6 @@ def _partials(q, kp, vp, hi, c0: int, block_indices, qpos, doc, valid, cfg: MSAC
     shape = (B, T, K, Hq)
     o = results[0][:, :n_out].reshape(*shape, D) if with_out else None
     return o, results[-1][:, :n_out].reshape(shape), wl.entry_ok
-
-
-def pad_kv(x, block_size: int):
-    """Pads the key axis so a tile of block_size keys may start at any key below S (packed
-    documents lay their block grid from each document's first token)."""
-    S = x.shape[1]
-    return jnp.pad(x, [(0, 0), (0, pl.cdiv(S, block_size) * block_size + block_size - S), (0, 0), (0, 0)])
 
 
 def combine(o, lse, ok, num_kv_heads: int):
@@ -161,8 +155,8 @@ def attention_fwd(q, k, v, block_indices, positions: Positions, cfg: MSAConfig, 
     qpos, doc, valid = pos_lib.query_coords(positions, T)
     hi = pos_lib.last_visible_key(positions, qpos, valid)
     chunk = common.query_chunk(T, K * Hq * ((D * q.dtype.itemsize if v is not None else 0) + 4))
-    kp = pad_kv(k, cfg.block_size)
-    vp = None if v is None else pad_kv(v, cfg.block_size)
+    kp = common.pad_keys(k, cfg.block_size)
+    vp = None if v is None else common.pad_keys(v, cfg.block_size)
     out = lse = None
     for c0 in range(0, T, chunk):
         sl = slice(c0, min(T, c0 + chunk))

@@ -54,6 +54,14 @@ def attention_tiles(group: int, head_dim: int) -> AttentionTiles:
                           item_steps=16)
 
 
+def pad_keys(x, block_size: int):
+    """Pads axis 1 (keys) of x [B, S, ...] so a tile of block_size keys may start at any key
+    below S (packed documents lay their block grid from each document's first token)."""
+    S = x.shape[1]
+    pad = -(-S // block_size) * block_size + block_size - S
+    return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+
+
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 

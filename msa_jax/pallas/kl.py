@@ -141,9 +141,8 @@ def _run(q, k, index_q, index_k, block_indices, lse, positions: Positions, cfg: 
         block_indices = jnp.broadcast_to(jnp.arange(K, dtype=jnp.int32), (B, T, Hkv, K))
     tiles = common.attention_tiles(G, D)
     student_rows = common.next_power_of_2(max(16, tiles.rows))
-    s_pad = pl.cdiv(S, bk) * bk + bk
-    pad_s = lambda x: jnp.pad(x, [(0, 0), (0, s_pad - S)] + [(0, 0)] * (x.ndim - 2))
-    kp, ikp = pad_s(k), pad_s(index_k)
+    kp, ikp = common.pad_keys(k, bk), common.pad_keys(index_k, bk)
+    s_pad = kp.shape[1]
     lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
     shared = dict(top_k=K, block_size=bk, num_kv_heads=Hkv, rows=tiles.rows, student_rows=student_rows)
     index_scale, index_precision = cfg.index_scale(Di), common.dot_precision(index_q.dtype)
