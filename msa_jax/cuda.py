@@ -1,8 +1,12 @@
 """The `cuda` implementation: CUTLASS/CuTe kernels for Hopper (SM90) behind the XLA FFI.
 
-Served so far: `select_blocks` (the fused indexer, cuda/kernels/indexer_sm90.cuh). The
-other ops have no CUDA kernel yet (issue #5): `supports` says so, and the dispatcher falls
-through to the next implementation (pallas on a GPU) before tracing anything.
+CUDA kernels: `select_blocks` (the fused indexer, cuda/kernels/indexer_sm90.cuh) and the
+block-sparse attention forward (KV-outer slot partials, cuda/kernels/attention_fwd_sm90.cuh;
+the work list and the log-sum-exp combine are the Pallas implementation's jnp code). The
+attention backward, the KL loss and the KL teacher's lse have no CUDA kernel yet: this
+implementation runs the Pallas kernels for them, so `sparse_attention` and the gradients of
+`block_sparse_attention` work end to end, with the indexer and the forward in CUDA.
+`index_kl_loss` alone is not served (it would be Pallas only): the dispatcher falls through.
 """
 
 from __future__ import annotations
@@ -15,12 +19,19 @@ from . import ffi
 from .config import CallInfo
 from .dispatch import Implementation
 from .ffi import ops
+from .pallas import PallasImplementation, _dense_indices
+from .pallas import attention_fwd as kv_outer
+from .pallas import worklist
 
-# What the compiled kernels serve; cuda/include/msa/launch.h and the handlers say the same.
-SERVED_OPS = ("select_blocks",)
+# Ops with a CUDA kernel in them; cuda/include/msa/launch.h and the handlers say the same.
+SERVED_OPS = ("select_blocks", "block_sparse_attention", "sparse_attention")
 _INDEX_HEAD_DIMS = (64, 128)
+_HEAD_DIMS = (64, 128)
+_DTYPES = ("bfloat16", "float16")
 _BLOCK_SIZE = 128
-_MAX_TOP_K = 32
+_MAX_TOP_K = 32  # the indexer's running top-k (cuda/kernels/indexer_sm90.cu)
+_STEP_ROWS = 64  # matrix rows per step of the attention kernel (query tokens x G heads)
+_ITEM_STEPS = 32  # steps per work item: one K/V tile load serves up to 32 x 64 rows
 
 
 @functools.cache
@@ -35,6 +46,10 @@ def _device_reason() -> str | None:
 class CudaImplementation(Implementation):
     name = "cuda"
 
+    def __init__(self):
+        # What has no CUDA kernel yet runs here (compiled Triton, never interpret mode).
+        self._pallas = PallasImplementation(interpret=False)
+
     def supports(self, call: CallInfo) -> str | None:
         if call.op not in SERVED_OPS:
             return f"no CUDA kernel for {call.op} yet (served: {', '.join(SERVED_OPS)})"
@@ -43,16 +58,26 @@ class CudaImplementation(Implementation):
         reason = ffi.unavailable_reason() or _device_reason()
         if reason is not None:
             return reason
-        if call.index_dtype != "bfloat16":
-            return f"index dtype {call.index_dtype} (bfloat16 only)"
-        if call.index_head_dim not in _INDEX_HEAD_DIMS:
-            return f"index head dim Di={call.index_head_dim} not in {_INDEX_HEAD_DIMS}"
         if call.config.block_size != _BLOCK_SIZE:
             return f"block_size={call.config.block_size} (the kernels are built for {_BLOCK_SIZE})"
-        if call.config.top_k > _MAX_TOP_K:
-            return f"top_k={call.config.top_k} > {_MAX_TOP_K}"
         if call.has_segments:
             return "packed documents (segment_ids) are not supported by the CUDA kernels"
+        if call.op in ("select_blocks", "sparse_attention"):
+            if call.index_dtype != "bfloat16":
+                return f"index dtype {call.index_dtype} (bfloat16 only)"
+            if call.index_head_dim not in _INDEX_HEAD_DIMS:
+                return f"index head dim Di={call.index_head_dim} not in {_INDEX_HEAD_DIMS}"
+            if call.config.top_k > _MAX_TOP_K:
+                return f"top_k={call.config.top_k} > {_MAX_TOP_K}"
+        if call.op != "select_blocks":
+            if call.dtype not in _DTYPES:
+                return f"dtype {call.dtype} not in {_DTYPES}"
+            if call.head_dim not in _HEAD_DIMS:
+                return f"head_dim D={call.head_dim} not in {_HEAD_DIMS}"
+            if call.group_size > _STEP_ROWS:
+                return f"G={call.group_size} > {_STEP_ROWS} query heads per kv head"
+            # The backward and the KL run the Pallas kernels: they must serve the call too.
+            return self._pallas.supports(call)
         return None
 
     def select_blocks(self, index_q, index_k, positions, cfg):
@@ -61,3 +86,35 @@ class CudaImplementation(Implementation):
             index_q, index_k, positions.q_offset, positions.kv_length, top_k=cfg.top_k,
             block_size=cfg.block_size, index_softmax_scale=cfg.index_scale(index_q.shape[-1]),
         )
+
+    def attention_fwd(self, q, k, v, block_indices, positions, cfg):
+        ffi.register_targets()
+        if cfg.dense:
+            block_indices = _dense_indices(block_indices, k.shape[1], cfg.block_size)
+        partials = functools.partial(_partials, scale=cfg.scale(q.shape[-1]), block_size=cfg.block_size)
+        return kv_outer.chunked(q, k, v, block_indices, positions, partials)
+
+    def attention_lse(self, q, k, block_indices, positions, cfg):
+        return self._pallas.attention_lse(q, k, block_indices, positions, cfg)
+
+    def attention_bwd(self, q, k, v, block_indices, positions, cfg, out, lse, dout, dlse):
+        return self._pallas.attention_bwd(q, k, v, block_indices, positions, cfg, out, lse, dout, dlse)
+
+    def kl_fwd(self, q, k, index_q, index_k, block_indices, lse, positions, cfg):
+        return self._pallas.kl_fwd(q, k, index_q, index_k, block_indices, lse, positions, cfg)
+
+    def kl_bwd(self, q, k, index_q, index_k, block_indices, lse, positions, cfg, dkl):
+        return self._pallas.kl_bwd(q, k, index_q, index_k, block_indices, lse, positions, cfg, dkl)
+
+
+def _partials(q, k, v, hi, c0: int, block_indices, qpos, doc, valid, *, scale: float, block_size: int):
+    """One query chunk's slot partials from the CUDA kernel, shaped as kv_outer.combine takes
+    them: o [B, Tc, K, Hq, D], lse [B, Tc, K, Hq], ok [B, Tc, Hkv, K]."""
+    B, Tc, Hkv, K = block_indices.shape
+    Hq, D = q.shape[2], q.shape[3]
+    tokens = _STEP_ROWS // (Hq // Hkv)
+    work = worklist.build(block_indices, qpos, doc, valid, kv_len=k.shape[1], block_size=block_size,
+                          rows=tokens * _ITEM_STEPS, packed=False)
+    o, lse = ops.sparse_attention_partials(q, k, v, hi, work, q_base=c0, top_k=K, block_size=block_size,
+                                           softmax_scale=scale)
+    return o.reshape(B, Tc, K, Hq, D), lse.reshape(B, Tc, K, Hq), work.entry_ok

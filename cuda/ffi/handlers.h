@@ -10,6 +10,7 @@
 #include "xla/ffi/api/ffi.h"
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(MsaSelectBlocks);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(MsaSparseAttentionPartials);
 
 namespace msa {
 

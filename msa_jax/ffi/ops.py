@@ -32,3 +32,28 @@ def select_blocks(index_q, index_k, q_offset, kv_length, *, top_k: int, block_si
     return call(index_q, index_k, q_offset.astype(jnp.int32), kv_length.astype(jnp.int32),
                 top_k=np.int32(top_k), block_size=np.int32(block_size),
                 index_softmax_scale=np.float32(index_softmax_scale))
+
+
+def sparse_attention_partials(q, k, v, last_visible, work, *, q_base: int, top_k: int, block_size: int,
+                              softmax_scale: float):
+    """KV-outer slot partials of one query chunk (target "msa_sparse_attention_partials").
+
+    Args:
+      q: [B, T, Hq, D] (all queries); k, v: [B, S, Hkv, D]; bf16 or fp16, one dtype.
+      last_visible: int32 [B, T], the last key each query may see (-1: none).
+      work: a `msa_jax.pallas.worklist.WorkList` of the chunk's queries, rows a multiple of
+        64 // G (the kernel's query tokens per step).
+      q_base: first query of the chunk; top_k, block_size, softmax_scale: the spec's K, Bk, s.
+
+    Returns:
+      (out [B, R, D] in q's dtype, lse float32 [B, R]), R = chunk * top_k * Hq, row
+      (query * top_k + slot) * Hq + head; rows of entries the work list leaves out are not
+      written (combine masks them by work.entry_ok).
+    """
+    B, _, Hq, D = q.shape
+    rows = work.entry_query.shape[-1] * Hq
+    out = (jax.ShapeDtypeStruct((B, rows, D), q.dtype), jax.ShapeDtypeStruct((B, rows), jnp.float32))
+    call = jax.ffi.ffi_call("msa_sparse_attention_partials", out, vmap_method="sequential")
+    return call(q, k, v, last_visible.astype(jnp.int32), work.entry_query, work.entry_slot, work.item_start,
+                work.item_count, work.item_tile, q_base=np.int32(q_base), top_k=np.int32(top_k),
+                block_size=np.int32(block_size), softmax_scale=np.float32(softmax_scale))

@@ -80,7 +80,7 @@ def _fwd_kernel(start_ref, count_ref, tile_ref, eq_ref, es_ref, base_ref, q_ref,
         jax.lax.fori_loop(0, pl.cdiv(count, rows), body, 0)
 
 
-def _partials(q, kp, vp, hi, c0: int, block_indices, qpos, doc, valid, cfg: MSAConfig, *, kv_len: int,
+def _partials(q, kp, vp, hi, c0: int, block_indices, qpos, doc, valid, *, cfg: MSAConfig, kv_len: int,
               packed: bool, interpret: bool):
     """Partials for the query chunk starting at query c0 (block_indices, qpos, doc, valid:
     the chunk's rows; q [B, T, Hq, D] and hi [B, T]: all queries, so no slice is copied):
@@ -150,20 +150,28 @@ def combine(o, lse, ok, num_kv_heads: int):
 def attention_fwd(q, k, v, block_indices, positions: Positions, cfg: MSAConfig, *, interpret: bool):
     """(out [B,T,Hq,D] in q.dtype, lse f32 [B,T,Hq]) over the selected blocks, chunk by chunk.
     v None: lse only (out None), with neither the P V product nor the partial outputs."""
+    partials = functools.partial(_partials, cfg=cfg, kv_len=k.shape[1], packed=positions.segment_ids is not None,
+                                 interpret=interpret)
+    kp = common.pad_keys(k, cfg.block_size)
+    vp = None if v is None else common.pad_keys(v, cfg.block_size)
+    return chunked(q, kp, vp, block_indices, positions, partials)
+
+
+def chunked(q, k, v, block_indices, positions: Positions, partials):
+    """The KV-outer forward's driver, shared with the cuda implementation: per query chunk
+    (partial buffer within common.PARTIAL_BUDGET_BYTES), `partials(q, k, v, hi, c0,
+    block_indices, qpos, doc, valid)` of the chunk's rows -> (o, lse, ok) as `_partials`
+    returns them, merged by `combine`. k and v as `partials` wants them (padded or not);
+    v None: lse only."""
     B, T, Hq, D = q.shape
     K = block_indices.shape[3]
     qpos, doc, valid = pos_lib.query_coords(positions, T)
     hi = pos_lib.last_visible_key(positions, qpos, valid)
     chunk = common.query_chunk(T, K * Hq * ((D * q.dtype.itemsize if v is not None else 0) + 4))
-    kp = common.pad_keys(k, cfg.block_size)
-    vp = None if v is None else common.pad_keys(v, cfg.block_size)
     out = lse = None
     for c0 in range(0, T, chunk):
         sl = slice(c0, min(T, c0 + chunk))
-        o_part, lse_part, ok = _partials(
-            q, kp, vp, hi, c0, block_indices[:, sl], qpos[:, sl], doc[:, sl], valid[:, sl], cfg,
-            kv_len=k.shape[1], packed=positions.segment_ids is not None, interpret=interpret,
-        )
+        o_part, lse_part, ok = partials(q, k, v, hi, c0, block_indices[:, sl], qpos[:, sl], doc[:, sl], valid[:, sl])
         out_c, lse_c = combine(o_part, lse_part, ok, k.shape[2])
         if chunk == T:
             return None if v is None else out_c.astype(q.dtype), lse_c

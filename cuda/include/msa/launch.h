@@ -14,4 +14,9 @@ namespace msa {
 bool indexer_sm90_supports(int index_head_dim, int block_size, int top_k);
 cudaError_t launch_indexer_sm90(const IndexerParams& params, cudaStream_t stream);
 
+// Which (D, dtype) the SM90 KV-outer attention forward is compiled for (attention_fwd_sm90.cuh).
+enum class ElementType { kBFloat16, kFloat16 };
+bool attention_fwd_sm90_supports(int head_dim, int block_size, int group);
+cudaError_t launch_attention_fwd_sm90(const AttentionFwdParams& params, ElementType dtype, cudaStream_t stream);
+
 }  // namespace msa

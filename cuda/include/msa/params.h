@@ -26,4 +26,39 @@ struct IndexerParams {
   float index_softmax_scale;  // si; ranking uses si * <index_q, index_k> as the spec does
 };
 
+// block_sparse_attention forward, KV-outer slot partials (spec, "Main branch"). Inputs:
+//   q [B, q_len, Hq, D], k, v [B, S, Hkv, D] (bf16 or fp16), last_visible [B, q_len] (int32:
+//   the last key each query may see, -1 for none), and one work list per (b, kv head) as
+//   msa_jax/pallas/worklist.py builds it for the query chunk [q_base, q_base + chunk):
+//   entry_query / entry_slot [B, Hkv, num_entries] (query relative to q_base; sorted by tile),
+//   item_start / item_count / item_tile [B, Hkv, num_items].
+// Outputs, row (query * top_k + slot) * Hq + head of the chunk, written only for live entries:
+//   out_partial [B, num_out_rows, D] (normalised, q's dtype), lse_partial [B, num_out_rows] f32.
+struct AttentionFwdParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  const int32_t* last_visible;
+  const int32_t* entry_query;
+  const int32_t* entry_slot;
+  const int32_t* item_start;
+  const int32_t* item_count;
+  const int32_t* item_tile;
+  void* out_partial;
+  float* lse_partial;
+  int batch;         // B
+  int q_len;         // queries in q (all chunks)
+  int q_base;        // first query of this chunk
+  int kv_len;        // S
+  int num_q_heads;   // Hq
+  int num_kv_heads;  // Hkv
+  int head_dim;      // D
+  int block_size;    // Bk
+  int top_k;         // K
+  int num_entries;   // chunk * K
+  int num_items;
+  int num_out_rows;  // chunk * K * Hq
+  float softmax_scale;  // s > 0
+};
+
 }  // namespace msa

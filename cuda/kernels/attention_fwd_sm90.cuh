@@ -1,0 +1,388 @@
+// Block-sparse attention forward for SM90, KV-outer (spec, "Main branch"; design:
+// shared/guide/kernels.md and msa_jax/pallas/worklist.py, which builds the inputs).
+//
+// One CTA per work item: one 128-key tile of one kv head g and up to `count` (query, slot)
+// entries that selected it. K and V of the tile are loaded once (TMA); the entries are
+// walked 64 matrix rows at a time: 64 / G query tokens x G heads, gathered from q by
+// cp.async. Each step computes the attention of those rows over this one tile alone, so
+// there is no running rescale: S = Q Kᵀ, one softmax, O = P V, and O / l (in q's dtype) and
+// lse = scale * max + log l go to the row's own slot partial; combine merges a query's
+// slots by log-sum-exp afterwards (msa_jax/pallas/attention_fwd.py, `combine`).
+//
+// Roles: warpgroup 0 gathers (warp w fills the steps w, w + 4, ...; lane 0 of warp 0 also
+// issues the K/V TMA), warpgroups 1 and 2 compute alternate steps, each on its own 64-row
+// stage, so one's softmax overlaps the other's matrix products.
+// Stages: 8 Q buffers of 64 x D. Step c uses buffer c % 8; warp c % 4 fills it and keeps two
+// steps in flight (cp.async groups), so a gather's latency is hidden behind seven others.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/numeric_conversion.h>
+#include <cutlass/numeric_types.h>
+
+#include "msa/params.h"
+
+namespace msa::attention_fwd_sm90 {
+
+using namespace cute;
+
+constexpr int kBlock = 128;  // keys per tile (block_size must be 128)
+constexpr int kRows = 64;    // matrix rows per step: one wgmma M
+constexpr int kStages = 8;
+constexpr int kLoadWarps = 4;
+constexpr int kThreads = 128 * 3;
+// 128 x 56 + 256 x 224 <= 65536 registers per SM.
+constexpr int kLoadRegisters = 56;
+constexpr int kComputeRegisters = 224;
+
+template <int kD_, class Element_>
+struct Config {
+  static constexpr int kD = kD_;
+  using Element = Element_;
+  static constexpr int kChunks = kD * sizeof(Element) / 16;  // 16-byte pieces of one q row
+  using SmemLayoutQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
+                                             Shape<Int<kRows>, Int<kD>, Int<kStages>>{}));
+  using SmemLayoutKV = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
+                                              Shape<Int<kBlock>, Int<kD>>{}));
+  // V read as the B operand of P V: (N = D, K = keys), D contiguous (MN-major).
+  using SmemLayoutVt = decltype(composition(
+      SmemLayoutKV{}, make_ordered_layout(Shape<Int<kD>, Int<kBlock>>{}, Step<_2, _1>{})));
+  using MmaS = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<Int<kRows>, Int<kBlock>, Int<kD>>,
+                           GMMA::Major::K, GMMA::Major::K>()));
+  using MmaO = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Element, Element, float, Shape<Int<kRows>, Int<kD>, Int<kBlock>>,
+                           GMMA::Major::K, GMMA::Major::MN>()));
+  static constexpr uint32_t kKVBytes = 2 * kBlock * kD * sizeof(Element);
+
+  struct SharedStorage {
+    array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> q;
+    array_aligned<Element, cosize_v<SmemLayoutKV>, 1024> k;
+    array_aligned<Element, cosize_v<SmemLayoutKV>, 1024> v;
+    int64_t src[kStages][kRows];   // element offset of each row in q, -1: dead (the loading warp's own)
+    uint64_t full[kStages];        // mbarrier: stage gathered (1 arrival: the warp's lane 0)
+    uint64_t empty[kStages];       // mbarrier: stage read (128 arrivals: the computing warpgroup)
+    uint64_t kv_full;              // mbarrier: K and V landed (TMA transaction bytes)
+  };
+
+  // k, v [B, S, Hkv, D] seen as (S, D, Hkv, B).
+  CUTE_HOST_DEVICE static auto kv_shape(const AttentionFwdParams& p) {
+    return make_shape(p.kv_len, Int<kD>{}, p.num_kv_heads, p.batch);
+  }
+  static auto kv_tensor(const void* ptr, const AttentionFwdParams& p) {
+    return make_tensor(make_gmem_ptr(static_cast<const Element*>(ptr)), kv_shape(p),
+                       make_stride(int64_t(p.num_kv_heads) * kD, _1{}, int64_t(kD),
+                                   int64_t(p.kv_len) * p.num_kv_heads * kD));
+  }
+  static auto make_tma(const void* ptr, const AttentionFwdParams& p) {
+    return make_tma_copy(SM90_TMA_LOAD{}, kv_tensor(ptr, p), SmemLayoutKV{});
+  }
+  using Tma = decltype(make_tma(nullptr, AttentionFwdParams{}));
+};
+
+template <class Cfg>
+struct KernelArgs {
+  AttentionFwdParams p;
+  typename Cfg::Tma tma_k;
+  typename Cfg::Tma tma_v;
+};
+
+// ((2 cols, 2 rows, N/8), MMA_M, MMA_N) accumulator layout of SM90 wgmma -> (rows, cols).
+template <class Layout>
+CUTE_HOST_DEVICE auto acc_rows_by_cols(Layout const& l) {
+  auto v = get<0>(l);
+  return make_layout(make_layout(get<1>(v), get<1>(l)), make_layout(get<0>(v), get<2>(v), get<2>(l)));
+}
+
+// The registers of an m64nNk16 accumulator, converted to q's dtype, read as the A operand of
+// an RS wgmma over K = N: ((2 cols, 2 rows, 2 col groups), MMA_M, N/16). partition_fragment_C
+// lays the accumulator out compactly, ((2, 2, N/8), 1, 1) : ((1, 2, 4), 0, 0); the A operand
+// of one k16 step is two consecutive 8-column groups, so the layout is a reshape.
+template <int kN>
+using AccAsAOperand = Layout<Shape<Shape<_2, _2, _2>, _1, Int<kN / 16>>, Stride<Stride<_1, _2, _4>, _0, _8>>;
+
+// Matrix row r of step c of a work item: where its query row sits in q, which partial row
+// it writes ((query * K + slot) * Hq + head) and how many keys of the tile it may see.
+// Dead rows (past the item's entries, past tokens * G, or naming an entry out of range)
+// have src = out_row = -1. The loading warp and the computing warpgroup each derive what
+// they need from global memory, so no row data passes between roles.
+struct RowInfo {
+  int64_t src;
+  int out_row;
+  int visible;
+};
+
+template <int kD>
+__device__ __forceinline__ RowInfo row_info(const AttentionFwdParams& p, int b, int g, int start, int count,
+                                            int tile, int group, int c, int r) {
+  const int tokens = kRows / group;
+  const int token = r / group;
+  const int e = c * tokens + token;  // entry within the item
+  RowInfo info{-1, -1, 0};
+  if (token >= tokens || e >= count) return info;
+  const int64_t entry = (int64_t(b) * p.num_kv_heads + g) * p.num_entries + start + e;
+  const int query = p.entry_query[entry];
+  const int slot = p.entry_slot[entry];
+  if (query < 0 || query >= p.num_entries / p.top_k || slot < 0 || slot >= p.top_k) return info;
+  const int head = g * group + r % group;
+  const int q_abs = p.q_base + query;
+  info.src = ((int64_t(b) * p.q_len + q_abs) * p.num_q_heads + head) * kD;
+  info.out_row = (query * p.top_k + slot) * p.num_q_heads + head;
+  info.visible = min(max(p.last_visible[int64_t(b) * p.q_len + q_abs] - tile + 1, 0), kBlock);
+  return info;
+}
+
+__device__ __forceinline__ void cp_async_16(uint32_t smem_addr, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr), "l"(gmem));
+}
+
+template <class Cfg>
+__global__ void __launch_bounds__(kThreads, 1)
+    attention_fwd_kernel(const __grid_constant__ KernelArgs<Cfg> args) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Element = typename Cfg::Element;
+  constexpr int kD = Cfg::kD;
+  extern __shared__ __align__(1024) char smem_raw[];
+  auto& smem = *reinterpret_cast<typename Cfg::SharedStorage*>(smem_raw);
+  const AttentionFwdParams& p = args.p;
+
+  const int item = blockIdx.x;
+  const int g = blockIdx.y;
+  const int b = blockIdx.z;
+  const int64_t item_index = (int64_t(b) * p.num_kv_heads + g) * p.num_items + item;
+  const int count = p.item_count[item_index];
+  const int start = p.item_start[item_index];
+  const int tile = p.item_tile[item_index];
+  // Unused work items (the grid is a static upper bound) have count 0; an item that would
+  // read past its entries or name a tile outside the keys is skipped the same way, so no
+  // content of the work list can send an access out of bounds.
+  if (count <= 0 || start < 0 || count > p.num_entries - start || tile < 0 || tile >= p.kv_len ||
+      tile % kBlock != 0) {
+    return;
+  }
+  const int group = p.num_q_heads / p.num_kv_heads;
+  const int tokens = kRows / group;  // query tokens per step
+  const int n_steps = (count + tokens - 1) / tokens;
+
+  const int warp_group = threadIdx.x / 128;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      cutlass::arch::ClusterBarrier::init(&smem.full[s], 1);
+      cutlass::arch::ClusterBarrier::init(&smem.empty[s], 128);
+    }
+    cutlass::arch::ClusterTransactionBarrier::init(&smem.kv_full, 1);
+  }
+  cutlass::arch::fence_barrier_init();
+  __syncthreads();
+
+  if (warp_group == 0) {
+    cutlass::arch::warpgroup_reg_dealloc<kLoadRegisters>();
+    if (warp == 0 && lane == 0) {
+      cute::prefetch_tma_descriptor(args.tma_k.get_tma_descriptor());
+      cute::prefetch_tma_descriptor(args.tma_v.get_tma_descriptor());
+      Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Cfg::SmemLayoutKV{});
+      Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), typename Cfg::SmemLayoutKV{});
+      auto tile_of = [&](auto const& tma) {
+        Tensor m = tma.get_tma_tensor(Cfg::kv_shape(p));
+        return local_tile(m(_, _, g, b), Shape<Int<kBlock>, Int<kD>>{}, make_coord(tile / kBlock, 0));
+      };
+      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.kv_full, Cfg::kKVBytes);
+      auto tk = args.tma_k.get_slice(0);
+      auto tv = args.tma_v.get_slice(0);
+      copy(args.tma_k.with(smem.kv_full), tk.partition_S(tile_of(args.tma_k)), tk.partition_D(sK));
+      copy(args.tma_v.with(smem.kv_full), tv.partition_S(tile_of(args.tma_v)), tv.partition_D(sV));
+    }
+    Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Cfg::SmemLayoutQ{});
+    const Element* q = static_cast<const Element*>(p.q);
+    auto row = [&](int c, int r) { return row_info<kD>(p, b, g, start, count, tile, group, c, r); };
+    // Step c of this warp: row metadata, then the gather (one cp.async group per step).
+    auto issue = [&](int c) {
+      const int s = c % kStages;
+      cutlass::arch::ClusterBarrier::wait(&smem.empty[s], ((c / kStages) & 1) ^ 1);
+      for (int r = lane; r < kRows; r += 32) smem.src[s][r] = row(c, r).src;
+      __syncwarp();
+      CUTE_UNROLL
+      for (int i = lane; i < kRows * Cfg::kChunks; i += 32) {
+        const int r = i / Cfg::kChunks;
+        const int col = (i % Cfg::kChunks) * (16 / sizeof(Element));
+        const int64_t src = smem.src[s][r];
+        // A dead row keeps whatever the buffer held: its rows of S and O are never stored.
+        if (src >= 0) cp_async_16(cute::cast_smem_ptr_to_uint(&sQ(r, col, s)), q + src + col);
+      }
+      cute::cp_async_fence();
+    };
+    // The gather is visible to wgmma (the async proxy) after the wait and a proxy fence.
+    auto publish = [&](int c) {
+      cutlass::arch::fence_view_async_shared();
+      __syncwarp();
+      if (lane == 0) cutlass::arch::ClusterBarrier::arrive(&smem.full[c % kStages]);
+    };
+    int pending = -1;
+    for (int c = warp; c < n_steps; c += kLoadWarps) {
+      issue(c);
+      if (pending >= 0) {
+        cute::cp_async_wait<1>();
+        publish(pending);
+      }
+      pending = c;
+    }
+    if (pending >= 0) {
+      cute::cp_async_wait<0>();
+      publish(pending);
+    }
+  } else {
+    cutlass::arch::warpgroup_reg_alloc<kComputeRegisters>();
+    const int consumer = warp_group - 1;
+    const int thread = threadIdx.x % 128;
+    typename Cfg::MmaS mma_s;
+    typename Cfg::MmaO mma_o;
+    auto thr_s = mma_s.get_thread_slice(thread);
+    auto thr_o = mma_o.get_thread_slice(thread);
+    Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Cfg::SmemLayoutQ{});
+    Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Cfg::SmemLayoutKV{});
+    Tensor sVt = make_tensor(make_smem_ptr(smem.v.data()), typename Cfg::SmemLayoutVt{});
+    Tensor tSrQ = thr_s.make_fragment_A(thr_s.partition_A(sQ));   // (MMA, MMA_M, MMA_K, stages)
+    Tensor tSrK = thr_s.make_fragment_B(thr_s.partition_B(sK));   // (MMA, MMA_N, MMA_K)
+    Tensor tOrV = thr_o.make_fragment_B(thr_o.partition_B(sVt));  // (MMA, MMA_N, MMA_K)
+    Tensor coord_s = thr_s.partition_C(make_identity_tensor(Shape<Int<kRows>, Int<kBlock>>{}));
+    Tensor cs = make_tensor(coord_s.data(), acc_rows_by_cols(coord_s.layout()));
+    Tensor coord_o = thr_o.partition_C(make_identity_tensor(Shape<Int<kRows>, Int<kD>>{}));
+    Tensor co = make_tensor(coord_o.data(), acc_rows_by_cols(coord_o.layout()));
+    const float scale_log2 = p.softmax_scale * float(M_LOG2E);
+    Element* out = static_cast<Element*>(p.out_partial) + int64_t(b) * p.num_out_rows * kD;
+    float* lse_out = p.lse_partial + int64_t(b) * p.num_out_rows;
+
+    cutlass::arch::ClusterTransactionBarrier::wait(&smem.kv_full, 0);
+    for (int c = consumer; c < n_steps; c += 2) {
+      const int s = c % kStages;
+      // Each thread holds two rows of S; their metadata loads run while the stage fills.
+      int out_row[2], visible[2];
+      CUTE_UNROLL
+      for (int i = 0; i < 2; ++i) {
+        const RowInfo info = row_info<kD>(p, b, g, start, count, tile, group, c, get<0>(cs(i, 0)));
+        out_row[i] = info.out_row;
+        visible[i] = info.visible;
+      }
+      cutlass::arch::ClusterBarrier::wait(&smem.full[s], (c / kStages) & 1);
+      Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kRows>, Int<kBlock>>{});
+      warpgroup_fence_operand(acc_s);
+      warpgroup_arrive();
+      mma_s.accumulate_ = GMMA::ScaleOut::Zero;
+      CUTE_UNROLL
+      for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
+        cute::gemm(mma_s, tSrQ(_, _, kb, s), tSrK(_, _, kb), acc_s);
+        mma_s.accumulate_ = GMMA::ScaleOut::One;
+      }
+      warpgroup_commit_batch();
+      Tensor sc = make_tensor(acc_s.data(), acc_rows_by_cols(acc_s.layout()));  // (2, N/4)
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc_s);
+      cutlass::arch::ClusterBarrier::arrive(&smem.empty[s]);  // the Q stage is read
+
+      // Softmax over this one tile. Keys past `visible` are masked; the worklist pairs a
+      // query only with tiles starting at or before its last visible key, so visible >= 1
+      // for a live row (a row with 0 gets l = 0 and writes zeros with lse -inf).
+      float row_max[2], row_sum[2];
+      CUTE_UNROLL
+      for (int i = 0; i < 2; ++i) {
+        float m = -INFINITY;
+        CUTE_UNROLL
+        for (int j = 0; j < size<1>(sc); ++j) {
+          if (get<1>(cs(i, j)) >= visible[i]) sc(i, j) = -INFINITY;
+          m = fmaxf(m, sc(i, j));
+        }
+        m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 1));
+        m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 2));
+        const float shift = m == -INFINITY ? 0.0f : m * scale_log2;
+        float l = 0.0f;
+        CUTE_UNROLL
+        for (int j = 0; j < size<1>(sc); ++j) {
+          sc(i, j) = exp2f(sc(i, j) * scale_log2 - shift);
+          l += sc(i, j);
+        }
+        l += __shfl_xor_sync(0xffffffff, l, 1);
+        l += __shfl_xor_sync(0xffffffff, l, 2);
+        row_max[i] = m;
+        row_sum[i] = l;
+      }
+      // P in q's dtype, kept in registers as the A operand of O = P V.
+      Tensor p_reg = make_tensor<Element>(acc_s.layout());
+      cutlass::NumericArrayConverter<Element, float, decltype(size(acc_s))::value> convert;
+      *reinterpret_cast<cutlass::Array<Element, decltype(size(acc_s))::value>*>(p_reg.data()) =
+          convert(*reinterpret_cast<const cutlass::Array<float, decltype(size(acc_s))::value>*>(acc_s.data()));
+      static_assert(cosize(decltype(acc_s.layout()){}) == size(decltype(acc_s.layout()){}) &&
+                    size<0, 0>(decltype(acc_s.layout()){}) == 2 && stride<0, 2>(decltype(acc_s.layout()){}) == 4,
+                    "compact ((2, 2, N/8), 1, 1) accumulator");
+      Tensor tOrP = make_tensor(p_reg.data(), AccAsAOperand<kBlock>{});
+      Tensor acc_o = partition_fragment_C(mma_o, Shape<Int<kRows>, Int<kD>>{});
+      warpgroup_fence_operand(tOrP);
+      warpgroup_fence_operand(acc_o);
+      warpgroup_arrive();
+      mma_o.accumulate_ = GMMA::ScaleOut::Zero;
+      CUTE_UNROLL
+      for (int kb = 0; kb < size<2>(tOrP); ++kb) {
+        cute::gemm(mma_o, tOrP(_, _, kb), tOrV(_, _, kb), acc_o);
+        mma_o.accumulate_ = GMMA::ScaleOut::One;
+      }
+      warpgroup_commit_batch();
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc_o);
+
+      // Normalised partial rows (pairs of adjacent columns per store) and their lse.
+      Tensor oc = make_tensor(acc_o.data(), acc_rows_by_cols(acc_o.layout()));  // (2, D/4)
+      const int quad_lane = lane % 4;
+      CUTE_UNROLL
+      for (int i = 0; i < 2; ++i) {
+        if (out_row[i] < 0) continue;
+        const float inv = row_sum[i] > 0.0f ? 1.0f / row_sum[i] : 0.0f;
+        Element* dst = out + int64_t(out_row[i]) * kD;
+        CUTE_UNROLL
+        for (int j = 0; j < size<1>(oc); j += 2) {
+          const int col = get<1>(co(i, j));
+          cutlass::Array<Element, 2> pair;
+          pair[0] = Element(oc(i, j) * inv);
+          pair[1] = Element(oc(i, j + 1) * inv);
+          *reinterpret_cast<cutlass::Array<Element, 2>*>(dst + col) = pair;
+        }
+        if (quad_lane == 0) {
+          lse_out[out_row[i]] = row_sum[i] > 0.0f ? row_max[i] * p.softmax_scale + logf(row_sum[i]) : -INFINITY;
+        }
+      }
+    }
+  }
+#endif
+}
+
+inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+template <int kD, class Element>
+cudaError_t launch(const AttentionFwdParams& p, cudaStream_t stream) {
+  using Cfg = Config<kD, Element>;
+  const int group = p.num_kv_heads > 0 ? p.num_q_heads / p.num_kv_heads : 0;
+  // TMA and cp.async need 16-byte aligned bases (rows are D * 2 bytes, so they stay aligned).
+  if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.out_partial) ||
+      p.head_dim != kD || p.block_size != kBlock || group < 1 || group > kRows ||
+      group * p.num_kv_heads != p.num_q_heads || p.batch < 1 || p.batch > 65535 ||
+      p.num_kv_heads > 65535 || p.num_items < 1 || p.top_k < 1 || p.kv_len < 1 || p.q_len < 1) {
+    return cudaErrorInvalidValue;
+  }
+  KernelArgs<Cfg> args{p, Cfg::make_tma(p.k, p), Cfg::make_tma(p.v, p)};
+  auto* kernel = &attention_fwd_kernel<Cfg>;
+  constexpr int smem_bytes = sizeof(typename Cfg::SharedStorage);
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+  if (err != cudaSuccess) return err;
+  dim3 grid(p.num_items, p.num_kv_heads, p.batch);
+  kernel<<<grid, kThreads, smem_bytes, stream>>>(args);
+  return cudaGetLastError();
+}
+
+}  // namespace msa::attention_fwd_sm90
