@@ -236,8 +236,8 @@ def op_function(op: str, impl: str, cfg: Config):
 def time_calls(fn, input_sets, *, warmup: int, repeats: int, time_limit: float):
     """(compile_s, times_s, calls_per_sample, time_limited) of fn, inputs taken in turn.
 
-    The first call compiles (its time, compile included, is compile_s); then up to `warmup`
-    calls, each timed alone; then `repeats` samples. A sample issues calls_per_sample calls
+    The first call (compiling, unless fn is already compiled) gives compile_s; then up to
+    `warmup` calls, each timed alone; then `repeats` samples. A sample issues calls_per_sample calls
     back to back and blocks on the last one; it is 1 unless a warm call took less than
     MIN_SAMPLE_S, so that for short calls the host's dispatch overlaps the device's work
     instead of adding to it. times_s holds each sample's time per call. Once the case has
@@ -265,6 +265,20 @@ def time_calls(fn, input_sets, *, warmup: int, repeats: int, time_limit: float):
     return compile_s, times, calls_per_sample, warm < warmup or len(times) < repeats
 
 
+def device_bytes(compiled) -> dict | None:
+    """XLA's memory plan of one compiled case: arguments, outputs and temporaries (the peak a
+    call needs beyond what the caller holds is about temp_bytes), or None if not reported."""
+    try:
+        ma = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 (backends without the analysis)
+        return None
+    if ma is None:
+        return None
+    total = ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes
+    return {"argument_bytes": ma.argument_size_in_bytes, "output_bytes": ma.output_size_in_bytes,
+            "temp_bytes": ma.temp_size_in_bytes, "total_bytes": total}
+
+
 def run_case(record: dict, base: dict, op: str, impl: str, settings: dict) -> None:
     """Times one case and fills `record` in place; never raises for a failing case."""
     cfg, n, batch, dtype = CONFIGS[record["config"]], record["n"], settings["batch"], settings["dtype"]
@@ -279,8 +293,11 @@ def run_case(record: dict, base: dict, op: str, impl: str, settings: dict) -> No
         input_sets = [[base[name] for name in names]]
         input_sets += [[arrays.get(name, base[name]) for name in names] for arrays in extra]
         record.update(input_sets=len(input_sets), input_bytes=set_bytes)
-        fn = jax.jit(op_function(op, impl, cfg))
-        compile_s, times, calls_per_sample, limited = time_calls(
+        t0 = time.perf_counter()
+        fn = jax.jit(op_function(op, impl, cfg)).lower(*input_sets[0]).compile()
+        compile_s = time.perf_counter() - t0
+        record.update(device_bytes=device_bytes(fn))
+        _, times, calls_per_sample, limited = time_calls(
             fn, input_sets, warmup=settings["warmup"], repeats=settings["repeats"], time_limit=settings["time_limit_s"]
         )
         median = statistics.median(times)
@@ -349,7 +366,7 @@ def new_case(config: str, n: int, impl: str, op: str, settings: dict, support: i
         "config": config, "n": n, "batch": settings["batch"], "impl": impl, "op": op,
         "baseline": op in BASELINE_OPS, "status": "running", "skip_kind": None, "reason": None,
         "compile_s": None, "times_s": [], "calls_per_sample": None, "median_s": None, "time_limited": False,
-        "input_sets": None, "input_bytes": None,
+        "input_sets": None, "input_bytes": None, "device_bytes": None,
         "support_size_sum": support if op in ("sparse_fwd", "sparse_fwd_bwd", "msa_fwd", "msa_fwd_bwd_kl") else None,
         "flops": case_flops(op, cfg, n, settings["batch"], support), "tflops": None,
         "speedup_vs": "dense_fwd_bwd" if backward else "dense_fwd", "speedup": None,
@@ -387,6 +404,9 @@ def parse_args(argv):
     parser.add_argument("--ops", nargs="+", default=list(MSA_OPS), choices=MSA_OPS)
     parser.add_argument("--n", nargs="+", type=int, default=[8192, 32768, 131072], help="T = S, tokens")
     parser.add_argument("--config", nargs="+", default=["A", "B"], choices=sorted(CONFIGS))
+    parser.add_argument("--baselines", nargs="*", default=list(BASELINE_OPS), choices=BASELINE_OPS,
+                        help="dense cases timed per N (the speedups' denominators); fewer for N where "
+                             "dense attention takes minutes")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--repeats", type=int, default=5, help="timed samples per case (median reported; see calls_per_sample)")
@@ -468,7 +488,7 @@ def main(argv=None) -> dict:
         for n in args.n:
             base = make_inputs(cfg, n, args.batch, dtype, input_shapes(cfg, n, args.batch), seed=0)
             baselines = {}
-            for op in BASELINE_OPS:
+            for op in args.baselines:
                 baselines[op] = timed_case(config, n, dense_impl, op, base, None, baselines)
             support, selection_error = None, None
             if set(args.ops) - {"indexer"}:

@@ -1,16 +1,17 @@
-"""Splits the Pallas sparse-attention forward's time into its stages, on a GPU.
+"""Splits the KV-outer sparse-attention forward's time into its stages, on a GPU.
 
-Stages (msa_jax/pallas/attention_fwd.py): the worklist (selection inverted by key tile,
-jnp), the log-sum-exp combine of the slot partials, and the whole forward of the first
-query chunk; each is jitted and timed alone on the same inputs, and the kernel's share is
-the difference, printed next to the bytes each stage must move at least.
+Stages (msa_jax/pallas/attention_fwd.py `chunked`, shared by pallas and cuda): the work
+list (selection inverted by key tile, jnp), the partials kernel, the log-sum-exp combine,
+and the whole forward of the first query chunk. Each is jitted and timed alone on the
+same inputs, next to the bytes it must move at least.
 
-    python benchmarks/breakdown_fwd.py --config A --n 32768 131072
+    python benchmarks/breakdown_fwd.py --config A --n 131072 --impl cuda pallas
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 from pathlib import Path
@@ -21,8 +22,11 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench  # noqa: E402
+import msa_jax  # noqa: E402
+from msa_jax import cuda as cuda_impl  # noqa: E402
 from msa_jax import positions as pos_lib  # noqa: E402
 from msa_jax.config import MSAConfig  # noqa: E402
+from msa_jax.ffi import ops  # noqa: E402
 from msa_jax.pallas import attention_fwd, common, worklist  # noqa: E402
 
 
@@ -35,8 +39,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="A", choices=sorted(bench.CONFIGS))
     parser.add_argument("--n", nargs="+", type=int, default=[32768])
+    parser.add_argument("--impl", nargs="+", default=["cuda", "pallas"], choices=["cuda", "pallas"])
     args = parser.parse_args(argv)
     c = bench.CONFIGS[args.config]
+    if "cuda" in args.impl:
+        msa_jax.ffi.register_targets()  # the kernel is called below without the dispatcher
     for n in args.n:
         x = bench.make_inputs(c, n, 1, jnp.bfloat16, ("q", "k", "v", "index_q", "index_k"), seed=0)
         bi = bench.fixed_selection(x, c)
@@ -44,34 +51,47 @@ def main(argv=None):
         positions = pos_lib.canonicalize(None, None, None, batch=1, q_len=n, kv_len=n)
         qpos, doc, valid = pos_lib.query_coords(positions, n)
         hi = pos_lib.last_visible_key(positions, qpos, valid)
-        tiles = common.attention_tiles(c.group_size, c.head_dim)
         chunk = common.query_chunk(n, c.top_k * c.num_q_heads * (c.head_dim * 2 + 4))
-
-        def build(bi):
-            return worklist.build(bi[:, :chunk], qpos[:, :chunk], doc[:, :chunk], valid[:, :chunk], kv_len=n,
-                                  block_size=c.block_size, rows=tiles.rows * tiles.item_steps, packed=False)
-
-        def full(q, k, v, bi):  # q_offset 0: the first `chunk` queries are the first chunk
-            return attention_fwd.attention_fwd(q[:, :chunk], k, v, bi[:, :chunk], positions, cfg, interpret=False)
-
-        def combine(o, lse, ok):
-            return attention_fwd.combine(o, lse, ok, c.num_kv_heads)
-
-        t_wl = median_ms(build, (bi,))
-        o, lse, ok = jax.jit(lambda *a: attention_fwd._partials(*a[:4], 0, *a[4:], cfg, kv_len=n, packed=False,
-                                                                interpret=False))(
-            x["q"], attention_fwd.pad_kv(x["k"], c.block_size), attention_fwd.pad_kv(x["v"], c.block_size), hi,
-            bi[:, :chunk], qpos[:, :chunk], doc[:, :chunk], valid[:, :chunk])
-        t_combine = median_ms(combine, (o, lse, ok))
-        del o, lse, ok
-        t_full = median_ms(full, (x["q"], x["k"], x["v"], bi))
         per_slot = chunk * c.top_k * c.num_q_heads * c.head_dim * 2 / 1e9  # GB of one pass over the partials
-        print(f"config {args.config} N={n} chunk={chunk} tiles={tiles}")
-        print(f"  worklist {t_wl:8.3f} ms")
-        print(f"  combine  {t_combine:8.3f} ms alone (moves >= {per_slot:.1f} GB)")
-        print(f"  full - worklist - combine {t_full - t_wl - t_combine:8.3f} ms  (the kernel: moves >= "
-              f"{2 * per_slot:.1f} GB)")
-        print(f"  full     {t_full:8.3f} ms (the first chunk only, when chunk < N)", flush=True)
+        sl = (slice(None), slice(0, chunk))
+        print(f"config {args.config} N={n} chunk={chunk} of {-(-n // chunk)} chunks", flush=True)
+        for impl in args.impl:
+            if impl == "cuda":
+                rows = (cuda_impl._STEP_ROWS // c.group_size) * cuda_impl._ITEM_STEPS
+                kp, vp = x["k"], x["v"]
+                partials = functools.partial(cuda_impl._partials, scale=cfg.scale(c.head_dim), block_size=c.block_size)
+
+                def kernel(q, k, v, hi, wl):
+                    return ops.sparse_attention_partials(q, k, v, hi, wl, q_base=0, top_k=c.top_k,
+                                                         block_size=c.block_size, softmax_scale=cfg.scale(c.head_dim))
+            else:
+                tiles = common.attention_tiles(c.group_size, c.head_dim)
+                rows = tiles.rows * tiles.item_steps
+                kp, vp = common.pad_keys(x["k"], c.block_size), common.pad_keys(x["v"], c.block_size)
+                partials = functools.partial(attention_fwd._partials, cfg=cfg, kv_len=n, packed=False, interpret=False)
+                kernel = None
+
+            def build(bi):
+                return worklist.build(bi[sl], qpos[sl], doc[sl], valid[sl], kv_len=n, block_size=c.block_size,
+                                      rows=rows, packed=False)
+
+            def first_chunk(q, k, v, bi):
+                o, lse, ok = partials(q, k, v, hi, 0, bi[sl], qpos[sl], doc[sl], valid[sl])
+                return attention_fwd.combine(o, lse, ok, c.num_kv_heads)
+
+            t_wl = median_ms(build, (bi,))
+            o, lse, ok = jax.jit(lambda q, k, v, bi: partials(q, k, v, hi, 0, bi[sl], qpos[sl], doc[sl], valid[sl]))(
+                x["q"], kp, vp, bi)
+            t_combine = median_ms(lambda o, lse, ok: attention_fwd.combine(o, lse, ok, c.num_kv_heads), (o, lse, ok))
+            del o, lse, ok
+            t_first = median_ms(first_chunk, (x["q"], kp, vp, bi))
+            line = f"  {impl:6s} worklist {t_wl:7.3f} ms | combine {t_combine:7.3f} ms (reads >= {per_slot:.1f} GB)"
+            if kernel is not None:
+                wl = jax.jit(build)(bi)
+                t_kernel = median_ms(kernel, (x["q"], kp, vp, hi, wl))
+                line += f" | kernel {t_kernel:7.3f} ms (writes >= {per_slot:.1f} GB)"
+                del wl
+            print(line + f" | first chunk {t_first:7.3f} ms", flush=True)
 
 
 if __name__ == "__main__":

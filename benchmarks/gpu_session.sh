@@ -12,8 +12,11 @@
 #   test-pallas-suite  the whole conformance suite against pallas on the GPU (TestPallasGPU)
 #   sanitize       compute-sanitizer memcheck and racecheck on a small case of each CUDA kernel
 #   bench-indexer  bench.py, config A, indexer only, cuda and pallas, 8K / 32K / 128K
-#   bench-A        bench.py, config A, every op, pallas (and cuda where served), 8K / 32K / 128K
+#   bench-A        bench.py, config A, every op, cuda and pallas (BENCH_IMPLS="cuda" for fewer), 8K / 32K / 128K
 #   bench-B        the same for config B
+#   breakdown      the forward's stages (work list, kernel, combine) at 32K and 128K, config A
+#   bench-1m       config A at 1M tokens, cuda: indexer, sparse forward, MSA forward (with XLA's
+#                  memory plan of each) against one cuDNN dense forward
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/msa_out}
@@ -32,7 +35,7 @@ run() {  # run NAME CMD...: log to $OUT/NAME.log, echo a one-line status
   [ $rc -eq 0 ] || failed=$((failed + 1))
 }
 
-# A small select_blocks call: what the sanitizer tools watch. The platform allocator gives
+# A small select_blocks call and a block_sparse_attention on its rows: what the sanitizer tools watch. The platform allocator gives
 # each buffer its own cudaMalloc, so memcheck sees an access one byte past a buffer.
 sanitize_case='
 import numpy as np, jax, jax.numpy as jnp, msa_jax
@@ -41,7 +44,12 @@ iq = jnp.asarray(r.standard_normal((2, 300, 2, 128)), jnp.bfloat16)
 ik = jnp.asarray(r.standard_normal((2, 700, 128)), jnp.bfloat16)
 out = msa_jax.select_blocks(iq, ik, top_k=16, block_size=128, q_offset=np.array([400, -50], np.int32),
                             kv_length=np.array([700, 200], np.int32), implementation="cuda")
-print(np.asarray(out)[0, -1, 0])'
+print(np.asarray(out)[0, -1, 0])
+q = jnp.asarray(r.standard_normal((2, 300, 8, 128)), jnp.bfloat16)
+kv = jnp.asarray(r.standard_normal((2, 700, 2, 128)), jnp.bfloat16)
+o, lse = msa_jax.block_sparse_attention(q, kv, kv, out[:, :, :, :4], block_size=128, q_offset=np.array([400, -50], np.int32),
+                                        kv_length=np.array([700, 200], np.int32), return_lse=True, implementation="cuda")
+print(np.asarray(o, np.float32)[0, -1, 0, :4], np.asarray(lse)[0, -1])'
 
 for step in "$@"; do
   case $step in
@@ -62,8 +70,14 @@ for step in "$@"; do
     bench-indexer)
       run bench-indexer python3 benchmarks/bench.py --config A --impl cuda pallas --ops indexer \
         --n 8192 32768 131072 --repeats 5 --warmup 2 --time-limit 60 --out "$OUT" ;;
+    breakdown)
+      run breakdown python3 benchmarks/breakdown_fwd.py --config A --n 32768 131072 --impl cuda pallas ;;
+    bench-1m)
+      run bench-1m python3 benchmarks/bench.py --config A --impl cuda --ops indexer sparse_fwd msa_fwd \
+        --n 1048576 --baselines dense_fwd --repeats 3 --warmup 1 --time-limit 45 --out "$OUT" ;;
     bench-A|bench-B)
-      run "$step" python3 benchmarks/bench.py --config "${step#bench-}" --impl cuda pallas \
+      # shellcheck disable=SC2086 (BENCH_IMPLS is a list)
+      run "$step" python3 benchmarks/bench.py --config "${step#bench-}" --impl ${BENCH_IMPLS:-cuda pallas} \
         --n 8192 32768 131072 --repeats 5 --warmup 2 --time-limit 60 --out "$OUT" ;;
     *)
       echo "unknown step: $step" >&2; failed=$((failed + 1)) ;;
