@@ -74,7 +74,7 @@ for step in "$@"; do
       run breakdown python3 benchmarks/breakdown_fwd.py --config A --n 32768 131072 --impl cuda pallas ;;
     bench-1m)
       run bench-1m python3 benchmarks/bench.py --config A --impl cuda --ops indexer sparse_fwd msa_fwd \
-        --n 1048576 --baselines dense_fwd --repeats 3 --warmup 1 --time-limit 45 --out "$OUT" ;;
+        --n 1048576 --baselines dense_fwd --repeats 1 --warmup 0 --time-limit 45 --out "$OUT" ;;
     bench-A|bench-B)
       # shellcheck disable=SC2086 (BENCH_IMPLS is a list)
       run "$step" python3 benchmarks/bench.py --config "${step#bench-}" --impl ${BENCH_IMPLS:-cuda pallas} \
