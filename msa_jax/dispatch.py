@@ -66,17 +66,23 @@ def register(impl: Implementation) -> None:
     _REGISTRY[impl.name] = impl
 
 
-def default_order(platform: str) -> tuple[str, ...]:
+# Ops whose CUDA kernels are, as measured, faster than Pallas's (benchmarks/results, H200,
+# config A at 128K): the indexer, 16.9 vs 19 ms. The CUDA attention forward is not yet
+# (sparse forward 58.5 vs 52.9 ms), so the attention ops keep Pallas first by default.
+_CUDA_FIRST = ("select_blocks",)
+
+
+def default_order(platform: str, op: str) -> tuple[str, ...]:
     """Fastest first. On CPU only `xla` is fast; Pallas there runs in interpret mode."""
     if platform in ("gpu", "cuda", "rocm"):
-        return ("cuda", "pallas", "xla")
+        return ("cuda", "pallas", "xla") if op in _CUDA_FIRST else ("pallas", "cuda", "xla")
     return ("xla",)
 
 
-def resolve(implementation, platform: str) -> tuple[str, ...]:
+def resolve(implementation, platform: str, op: str) -> tuple[str, ...]:
     """Normalises the public `implementation` argument (validated by validation.py)."""
     if implementation is None:
-        return default_order(platform)
+        return default_order(platform, op)
     if isinstance(implementation, str):
         return (implementation,)
     return tuple(implementation)

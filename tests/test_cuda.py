@@ -63,6 +63,13 @@ def test_cuda_is_registered_and_explains_itself():
     assert "needs a CUDA GPU" in impl.supports(_call(platform="cpu"))
 
 
+def test_default_order_puts_cuda_first_only_where_it_is_faster():
+    assert dispatch.default_order("gpu", "select_blocks")[0] == "cuda"
+    for op in ("sparse_attention", "block_sparse_attention", "index_kl_loss"):
+        assert dispatch.default_order("gpu", op) == ("pallas", "cuda", "xla")
+    assert dispatch.default_order("cpu", "select_blocks") == ("xla",)
+
+
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the CPU fall-through")
 def test_cuda_falls_through_on_cpu(rng):
     index_q = jnp.asarray(rng.standard_normal((1, 64, 2, 16)), jnp.float32)
@@ -271,9 +278,9 @@ def test_attention_forward_matches_reference(rng, case):
 
 @pytest.mark.gpu
 @requires_gpu
-def test_attention_forward_is_repeatable_and_the_default(rng):
+def test_attention_forward_is_repeatable(rng):
     q, k, v, _, _, bi, kw = _attention_inputs(rng, (2, 4096, 4096, 32, 4, 128, "bfloat16", None, None))
-    f = jax.jit(lambda *a: _bsa(None, *a, kw))
+    f = jax.jit(lambda *a: _bsa("cuda", *a, kw))
     assert "msa_sparse_attention_partials" in f.lower(q, k, v, bi).as_text()
     first, second = f(q, k, v, bi), f(q, k, v, bi)
     for a, b in zip(first, second):
