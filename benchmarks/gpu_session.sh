@@ -21,7 +21,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/msa_out}
 mkdir -p "$OUT"
-# MSA_JAX_COMMIT (bench.py records it): the HEAD whose clean tree the caller sent.
+# MSA_JAX_COMMIT (bench.py records it): the HEAD whose clean tree the caller sent, as a literal
+# sha from the caller's machine: the device's copy of .git can be stale, so never $(git rev-parse HEAD) there.
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"
 failed=0
 
