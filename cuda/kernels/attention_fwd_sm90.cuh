@@ -28,6 +28,7 @@
 #include <cutlass/numeric_types.h>
 
 #include "msa/params.h"
+#include "sm90_common.cuh"
 
 namespace msa::attention_fwd_sm90 {
 
@@ -93,13 +94,6 @@ struct KernelArgs {
   typename Cfg::Tma tma_k;
   typename Cfg::Tma tma_v;
 };
-
-// ((2 cols, 2 rows, N/8), MMA_M, MMA_N) accumulator layout of SM90 wgmma -> (rows, cols).
-template <class Layout>
-CUTE_HOST_DEVICE auto acc_rows_by_cols(Layout const& l) {
-  auto v = get<0>(l);
-  return make_layout(make_layout(get<1>(v), get<1>(l)), make_layout(get<0>(v), get<2>(v), get<2>(l)));
-}
 
 // The registers of an m64nNk16 accumulator, converted to q's dtype, read as the A operand of
 // an RS wgmma over K = N: ((2 cols, 2 rows, 2 col groups), MMA_M, N/16). partition_fragment_C
@@ -254,9 +248,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     Tensor tSrK = thr_s.make_fragment_B(thr_s.partition_B(sK));   // (MMA, MMA_N, MMA_K)
     Tensor tOrV = thr_o.make_fragment_B(thr_o.partition_B(sVt));  // (MMA, MMA_N, MMA_K)
     Tensor coord_s = thr_s.partition_C(make_identity_tensor(Shape<Int<kRows>, Int<kBlock>>{}));
-    Tensor cs = make_tensor(coord_s.data(), acc_rows_by_cols(coord_s.layout()));
+    Tensor cs = make_tensor(coord_s.data(), sm90::acc_rows_by_cols(coord_s.layout()));
     Tensor coord_o = thr_o.partition_C(make_identity_tensor(Shape<Int<kRows>, Int<kD>>{}));
-    Tensor co = make_tensor(coord_o.data(), acc_rows_by_cols(coord_o.layout()));
+    Tensor co = make_tensor(coord_o.data(), sm90::acc_rows_by_cols(coord_o.layout()));
     const float scale_log2 = p.softmax_scale * float(M_LOG2E);
     Element* out = static_cast<Element*>(p.out_partial) + int64_t(b) * p.num_out_rows * kD;
     float* lse_out = p.lse_partial + int64_t(b) * p.num_out_rows;
@@ -283,7 +277,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         mma_s.accumulate_ = GMMA::ScaleOut::One;
       }
       warpgroup_commit_batch();
-      Tensor sc = make_tensor(acc_s.data(), acc_rows_by_cols(acc_s.layout()));  // (2, N/4)
+      Tensor sc = make_tensor(acc_s.data(), sm90::acc_rows_by_cols(acc_s.layout()));  // (2, N/4)
       warpgroup_wait<0>();
       warpgroup_fence_operand(acc_s);
       cutlass::arch::ClusterBarrier::arrive(&smem.empty[s]);  // the Q stage is read
@@ -338,7 +332,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       warpgroup_fence_operand(acc_o);
 
       // Normalised partial rows (pairs of adjacent columns per store) and their lse.
-      Tensor oc = make_tensor(acc_o.data(), acc_rows_by_cols(acc_o.layout()));  // (2, D/4)
+      Tensor oc = make_tensor(acc_o.data(), sm90::acc_rows_by_cols(acc_o.layout()));  // (2, D/4)
       const int quad_lane = lane % 4;
       CUTE_UNROLL
       for (int i = 0; i < 2; ++i) {
@@ -362,14 +356,13 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
 template <int kD, class Element>
 cudaError_t launch(const AttentionFwdParams& p, cudaStream_t stream) {
   using Cfg = Config<kD, Element>;
   const int group = p.num_kv_heads > 0 ? p.num_q_heads / p.num_kv_heads : 0;
   // TMA and cp.async need 16-byte aligned bases (rows are D * 2 bytes, so they stay aligned).
-  if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.out_partial) ||
+  if (!sm90::aligned16(p.q) || !sm90::aligned16(p.k) || !sm90::aligned16(p.v) ||
+      !sm90::aligned16(p.out_partial) ||
       p.head_dim != kD || p.block_size != kBlock || group < 1 || group > kRows ||
       group * p.num_kv_heads != p.num_q_heads || p.batch < 1 || p.batch > 65535 ||
       p.num_kv_heads > 65535 || p.num_items < 1 || p.top_k < 1 || p.kv_len < 1 || p.q_len < 1) {

@@ -28,6 +28,7 @@
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
 #include "msa/params.h"
+#include "sm90_common.cuh"
 
 namespace msa::indexer_sm90 {
 
@@ -107,14 +108,6 @@ struct KernelArgs {
   typename Cfg::TmaQ tma_q;
   typename Cfg::TmaK tma_k;
 };
-
-// ((2 cols, 2 rows, N/8), MMA_M, MMA_N) accumulator layout of SM90 wgmma -> (rows, cols).
-template <class Layout>
-CUTE_HOST_DEVICE auto rows_by_cols(Layout const& l) {
-  auto v = get<0>(l);
-  return make_layout(make_layout(get<1>(v), get<1>(l)),
-                     make_layout(get<0>(v), get<2>(v), get<2>(l)));
-}
 
 // The running top-(keep) of one query row over blocks offered in increasing id order.
 // The entries (score, id) live in shared memory, one row per owner lane, so the common
@@ -252,7 +245,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     Tensor tSrQ = thr.make_fragment_A(thr.partition_A(sQ));  // (MMA, MMA_M, MMA_K)
     Tensor tSrK = thr.make_fragment_B(thr.partition_B(sK));  // (MMA, MMA_N, MMA_K, stages)
     Tensor coord = thr.partition_C(make_identity_tensor(Shape<Int<kRows>, Int<kBlock>>{}));
-    Tensor coord_rc = make_tensor(coord.data(), rows_by_cols(coord.layout()));
+    Tensor coord_rc = make_tensor(coord.data(), sm90::acc_rows_by_cols(coord.layout()));
 
     // The quad of lanes 4q..4q+3 shares two rows; lane 4q owns the first, 4q+1 the second.
     const int lane = threadIdx.x % 32;
@@ -281,7 +274,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // Row maxima of a finished block (M(i, g, j) before the scale), offered to the top-k.
     auto pool = [&](auto& acc, int j) {
       warpgroup_fence_operand(acc);
-      Tensor s = make_tensor(acc.data(), rows_by_cols(acc.layout()));  // (2 rows, 64 cols)
+      Tensor s = make_tensor(acc.data(), sm90::acc_rows_by_cols(acc.layout()));  // (2 rows, 64 cols)
       static_assert(size<0>(decltype(s){}) == 2, "a thread holds two rows of S");
       constexpr int kCols = size<1>(decltype(s){});
       float m[2][4];  // four independent chains per row: short dependency chains
@@ -356,14 +349,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
 template <int kDi, int kKeep>
 cudaError_t launch(const IndexerParams& p, cudaStream_t stream) {
   using Cfg = Config<kDi, kKeep>;
   // TMA needs 16-byte aligned bases (the row strides, multiples of Di * 2 bytes, always are);
   // a descriptor that fails to encode would make the kernel read garbage, so refuse here.
-  if (!aligned16(p.index_q) || !aligned16(p.index_k) || p.index_head_dim != kDi ||
+  if (!sm90::aligned16(p.index_q) || !sm90::aligned16(p.index_k) || p.index_head_dim != kDi ||
       p.block_size != kBlock || p.top_k < 1 || p.top_k - 1 > kKeep || p.batch < 1 ||
       p.q_len < 1 || p.kv_len < 1 || p.num_kv_heads < 1 || p.num_kv_heads > 65535 ||
       p.batch > 65535) {

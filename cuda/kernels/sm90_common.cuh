@@ -1,0 +1,24 @@
+// Helpers the SM90 kernels share: the wgmma accumulator seen as (rows, cols), and the
+// alignment test every launcher applies to its TMA / cp.async base pointers.
+#pragma once
+
+#include <cstdint>
+
+#include <cute/tensor.hpp>
+
+namespace msa::sm90 {
+
+// ((2 cols, 2 rows, N/8), MMA_M, MMA_N) accumulator layout of SM90 wgmma -> (rows, cols):
+// a thread's two rows (lane / 4 and lane / 4 + 8 of its warp's 16) by its columns.
+template <class Layout>
+CUTE_HOST_DEVICE auto acc_rows_by_cols(Layout const& l) {
+  using cute::get;
+  using cute::make_layout;
+  auto v = get<0>(l);
+  return make_layout(make_layout(get<1>(v), get<1>(l)), make_layout(get<0>(v), get<2>(v), get<2>(l)));
+}
+
+// TMA descriptors and cp.async need 16-byte aligned global addresses.
+inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+}  // namespace msa::sm90
