@@ -15,6 +15,9 @@
 #   bench-A        bench.py, config A, every op, cuda and pallas (BENCH_IMPLS="cuda" for fewer), 8K / 32K / 128K
 #   bench-B        the same for config B
 #   breakdown      the forward's stages (work list, kernel, combine) at 32K and 128K, config A
+#   train-32k      issue #3's measurement: the GPU preset's train step at 32K tokens, MSA with
+#                  implementation="cuda" (2 dense warm-up steps, then sparse) and the same model with
+#                  dense cuDNN attention, one metrics JSON each (tokens/s per mode, first step excluded)
 #   bench-1m       config A at 1M tokens, cuda: indexer, sparse forward, MSA forward (with XLA's
 #                  memory plan of each) against one cuDNN dense forward
 set -uo pipefail
@@ -73,6 +76,13 @@ for step in "$@"; do
         --n 8192 32768 131072 --repeats 5 --warmup 2 --time-limit 60 --out "$OUT" ;;
     breakdown)
       run breakdown python3 benchmarks/breakdown_fwd.py --config A --n 32768 131072 --impl cuda pallas ;;
+    train-32k)
+      for variant in "msa --implementation cuda" "dense-cudnn"; do
+        name=train-32k-${variant%% *}
+        # shellcheck disable=SC2086 (variant holds flags)
+        run "$name" python3 examples/flax_model/train.py --preset gpu --steps 12 --warmup-steps 2 --log-every 1 \
+          --attention $variant --metrics-out "$OUT/$name.json"
+      done ;;
     bench-1m)
       run bench-1m python3 benchmarks/bench.py --config A --impl cuda --ops indexer sparse_fwd msa_fwd \
         --n 1048576 --baselines dense_fwd --repeats 1 --warmup 0 --time-limit 45 --out "$OUT" ;;

@@ -469,8 +469,12 @@ def main(argv=None):
               f"over {s['steps']} steps (compile step excluded)", file=sys.stderr)
     if args.metrics_out:
         with open(args.metrics_out, "w") as f:
+            # What a results file needs (gpu.md): device, versions, commit, the exact command.
             json.dump(dict(model=json.loads(model_cfg.to_json()), train=dataclasses.asdict(train_cfg),
                            backend=jax.default_backend(), device=jax.devices()[0].device_kind,
+                           jax_version=jax.__version__, git_commit=os.environ.get("MSA_JAX_COMMIT", "unknown"),
+                           date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                           command=" ".join(["examples/flax_model/train.py", *(sys.argv[1:] if argv is None else argv)]),
                            traces=result.traces, summary=summary, history=result.history), f, indent=1)
     if result.step < train_cfg.steps:
         raise SystemExit(130)  # interrupted (Ctrl-C): what was done is saved
