@@ -19,7 +19,7 @@ from . import ffi
 from .config import CallInfo
 from .dispatch import Implementation
 from .ffi import ops
-from .pallas import PallasImplementation, _dense_indices
+from .pallas import PallasImplementation, dense_indices
 from .pallas import attention_fwd as kv_outer
 from .pallas import worklist
 
@@ -90,7 +90,7 @@ class CudaImplementation(Implementation):
     def attention_fwd(self, q, k, v, block_indices, positions, cfg):
         ffi.register_targets()
         if cfg.dense:
-            block_indices = _dense_indices(block_indices, k.shape[1], cfg.block_size)
+            block_indices = dense_indices(block_indices, k.shape[1], cfg.block_size)
         partials = functools.partial(_partials, scale=cfg.scale(q.shape[-1]), block_size=cfg.block_size)
         return kv_outer.chunked(q, k, v, block_indices, positions, partials)
 

@@ -22,8 +22,9 @@ from . import indexer
 _POW2 = (16, 32, 64, 128, 256)
 
 
-def _dense_indices(block_indices, kv_len: int, block_size: int):
-    """Dense warm-up: every block of the sequence (causality still applies per key)."""
+def dense_indices(block_indices, kv_len: int, block_size: int):
+    """Dense warm-up: every block of the sequence (causality still applies per key). The
+    KV-outer forwards of pallas and cuda both serve mode="dense" with these rows."""
     B, T, Hkv, _ = block_indices.shape
     n = -(-kv_len // block_size)
     return jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (B, T, Hkv, n))
@@ -56,7 +57,7 @@ class PallasImplementation(Implementation):
         return indexer.select_blocks(index_q, index_k, positions, cfg, interpret=self.interpret)
 
     def _indices(self, block_indices, k, cfg):
-        return _dense_indices(block_indices, k.shape[1], cfg.block_size) if cfg.dense else block_indices
+        return dense_indices(block_indices, k.shape[1], cfg.block_size) if cfg.dense else block_indices
 
     def attention_fwd(self, q, k, v, block_indices, positions, cfg):
         bi = self._indices(block_indices, k, cfg)
