@@ -100,6 +100,31 @@ def assert_lse_close(got, want, tol):
     np.testing.assert_allclose(got[finite], want[finite], rtol=0, atol=tol)
 
 
+def cosine(a, b) -> float:
+    """Cosine similarity of two arrays, flattened, in float64 (the gradient checks at scale)."""
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def assert_bitwise_equal(a, b, name):
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.shape == b.shape and a.dtype == b.dtype, (name, a.shape, b.shape, a.dtype, b.dtype)
+    # Compare bit patterns: catches -0 vs +0 and NaN payloads that == would hide.
+    bits = f"u{a.dtype.itemsize}"
+    np.testing.assert_array_equal(a.view(bits), b.view(bits), err_msg=f"{name}: two runs differ")
+
+
+def assert_lse_close_scaled(got, want, tol):
+    """-inf exactly where the reference has it; elsewhere |got - want| <= tol * max(1, |want|)."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert not np.isnan(got).any(), "lse has NaN"
+    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
+    finite = np.isfinite(want)
+    assert np.isfinite(got[finite]).all(), "lse has +inf"
+    err = np.abs(got[finite] - want[finite]) / np.maximum(1.0, np.abs(want[finite]))
+    assert err.size == 0 or err.max() <= tol, f"lse error {err.max():.3g} > {tol}"
+
+
 # Relative-error tolerances by input dtype: bf16 (8-bit mantissa) and fp16 (11-bit) inputs
 # and outputs against the float64 oracle on the same rounded inputs; fp32 otherwise.
 _LOW_PRECISION_TOL = {"bfloat16": 1e-2, "float16": 2e-3}

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import msa_jax
 from msa_jax import cuda as cuda_impl
 from msa_jax import dispatch
+from conformance import assert_bitwise_equal, assert_lse_close_scaled, cosine, rel_err
 from selection_check import block_scores, check_selection, query_blocks
 
 TIE_TOL = 1e-3  # selection: slack on the max-pooled index score (issue #4's tolerance)
@@ -238,25 +239,6 @@ def _attention_inputs(rng, case):
     return q, k, v, index_q, index_k, bi, kw
 
 
-def _rel_err(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
-
-
-def _assert_lse_close(got, want):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert not np.isnan(got).any(), "lse has NaN"
-    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
-    finite = np.isfinite(want)
-    err = np.abs(got[finite] - want[finite]) / np.maximum(1.0, np.abs(want[finite]))
-    assert err.size == 0 or err.max() <= LSE_TOL, f"lse error {err.max():.3g} > {LSE_TOL}"
-
-
-def _cosine(a, b) -> float:
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
 def _bsa(impl, q, k, v, bi, kw):
     return msa_jax.block_sparse_attention(q, k, v, bi, return_lse=True, implementation=impl, **kw)
 
@@ -271,9 +253,9 @@ def test_attention_forward_matches_reference(rng, case):
     want_out, want_lse = jax.jit(lambda *a: _bsa("xla", *a, kw))(up(q), up(k), up(v), bi)
     assert out.dtype == q.dtype and out.shape == q.shape and lse.dtype == jnp.float32
     assert np.isfinite(np.asarray(out, np.float32)).all(), "out has NaN or inf"
-    err = _rel_err(out, want_out)
+    err = rel_err(out, want_out)
     assert err <= OUT_TOL, f"out relative error {err:.3g} > {OUT_TOL}"
-    _assert_lse_close(lse, want_lse)
+    assert_lse_close_scaled(lse, want_lse, LSE_TOL)
 
 
 @pytest.mark.gpu
@@ -283,10 +265,8 @@ def test_attention_forward_is_repeatable(rng):
     f = jax.jit(lambda *a: _bsa("cuda", *a, kw))
     assert "msa_sparse_attention_partials" in f.lower(q, k, v, bi).as_text()
     first, second = f(q, k, v, bi), f(q, k, v, bi)
-    for a, b in zip(first, second):
-        a, b = np.asarray(a), np.asarray(b)
-        bits = f"u{a.dtype.itemsize}"
-        np.testing.assert_array_equal(a.view(bits), b.view(bits), err_msg="two runs differ")
+    for name, a, b in zip(("out", "lse"), first, second):
+        assert_bitwise_equal(a, b, name)
 
 
 @pytest.mark.gpu
@@ -305,7 +285,7 @@ def test_attention_grads_and_sparse_attention_end_to_end(rng):
     got = jax.jit(jax.grad(functools.partial(loss, "cuda"), argnums=(0, 1, 2)))(q, k, v)
     want = jax.jit(jax.grad(functools.partial(loss, "xla"), argnums=(0, 1, 2)))(up(q), up(k), up(v))
     for name, a, b in zip("qkv", got, want):
-        assert _cosine(a, b) >= MIN_COSINE, f"d{name} cosine {_cosine(a, b):.5f}"
+        assert cosine(a, b) >= MIN_COSINE, f"d{name} cosine {cosine(a, b):.5f}"
 
     def full(impl, q, k, v, iq, ik):
         r = msa_jax.sparse_attention(q, k, v, iq, ik, top_k=16, mode="sparse", implementation=impl, **kw)
@@ -318,7 +298,7 @@ def test_attention_grads_and_sparse_attention_end_to_end(rng):
     (_, want_r), want_g = jax.jit(jax.value_and_grad(functools.partial(full, "xla"), argnums=(3, 4), has_aux=True))(
         up(q), up(k), up(v), index_q, index_k)
     np.testing.assert_array_equal(np.asarray(got_r.block_indices), np.asarray(bi))
-    assert _rel_err(got_r.out, want_r.out) <= OUT_TOL
+    assert rel_err(got_r.out, want_r.out) <= OUT_TOL
     np.testing.assert_allclose(float(got_r.kl_loss), float(want_r.kl_loss), rtol=1e-2)
     for name, a, b in zip(("index_q", "index_k"), got_g, want_g):
-        assert _cosine(a, b) >= MIN_COSINE, f"d {name} cosine {_cosine(a, b):.5f}"
+        assert cosine(a, b) >= MIN_COSINE, f"d {name} cosine {cosine(a, b):.5f}"
