@@ -103,7 +103,7 @@ def preset(name: str) -> tuple[ModelConfig, TrainConfig]:
         )
         return model, TrainConfig()
     if name == "gpu":
-        # Config A's attention shape (G = 8, D = Di = 128, Bk = 128, K = 16) with fewer
+        # G = 8, D = Di = 128, Bk = 128, K = 16 (config A but for G, which is 16 there) with fewer
         # heads and layers so that T = 32768 trains on one GPU. implementation=None lets
         # msa_jax pick per op (msa_jax.dispatch.default_order): on a Hopper GPU the attention
         # runs on pallas, which is faster than the cuda forward so far.
