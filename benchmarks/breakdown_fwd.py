@@ -40,6 +40,8 @@ def main(argv=None):
     parser.add_argument("--config", default="A", choices=sorted(bench.CONFIGS))
     parser.add_argument("--n", nargs="+", type=int, default=[32768])
     parser.add_argument("--impl", nargs="+", default=["cuda", "pallas"], choices=["cuda", "pallas"])
+    parser.add_argument("--item-steps", nargs="+", type=int, default=[cuda_impl._ITEM_STEPS],
+                        help="cuda: the most 64-row steps per work item (CTA), one line per value")
     args = parser.parse_args(argv)
     c = bench.CONFIGS[args.config]
     if "cuda" in args.impl:
@@ -55,11 +57,13 @@ def main(argv=None):
         per_slot = chunk * c.top_k * c.num_q_heads * c.head_dim * 2 / 1e9  # GB of one pass over the partials
         sl = (slice(None), slice(0, chunk))
         print(f"config {args.config} N={n} chunk={chunk} of {-(-n // chunk)} chunks", flush=True)
-        for impl in args.impl:
+        variants = [(impl, steps) for impl in args.impl for steps in (args.item_steps if impl == "cuda" else [None])]
+        for impl, steps in variants:
             if impl == "cuda":
-                rows = (cuda_impl._STEP_ROWS // c.group_size) * cuda_impl._ITEM_STEPS
+                rows = (cuda_impl._STEP_ROWS // c.group_size) * steps
                 kp, vp = x["k"], x["v"]
-                partials = functools.partial(cuda_impl._partials, scale=cfg.scale(c.head_dim), block_size=c.block_size)
+                partials = functools.partial(cuda_impl._partials, scale=cfg.scale(c.head_dim), block_size=c.block_size,
+                                             item_steps=steps)
 
                 def kernel(q, k, v, hi, wl):
                     return ops.sparse_attention_partials(q, k, v, hi, wl, q_base=0, top_k=c.top_k,
@@ -85,7 +89,8 @@ def main(argv=None):
             t_combine = median_ms(lambda o, lse, ok: attention_fwd.combine(o, lse, ok, c.num_kv_heads), (o, lse, ok))
             del o, lse, ok
             t_first = median_ms(first_chunk, (x["q"], kp, vp, bi))
-            line = f"  {impl:6s} worklist {t_wl:7.3f} ms | combine {t_combine:7.3f} ms (reads >= {per_slot:.1f} GB)"
+            name = impl if steps is None else f"{impl} ({steps} steps per item)"
+            line = f"  {name} worklist {t_wl:7.3f} ms | combine {t_combine:7.3f} ms (reads >= {per_slot:.1f} GB)"
             if kernel is not None:
                 wl = jax.jit(build)(bi)
                 t_kernel = median_ms(kernel, (x["q"], kp, vp, hi, wl))

@@ -15,6 +15,7 @@
 #   bench-A        bench.py, config A, every op, cuda and pallas (BENCH_IMPLS="cuda" for fewer), 8K / 32K / 128K
 #   bench-B        the same for config B
 #   breakdown      the forward's stages (work list, kernel, combine) at 32K and 128K, config A
+#                  (BREAKDOWN_IMPLS="cuda" for fewer; ITEM_STEPS="32 64" sweeps cuda's work-item length)
 #   train-32k      issue #3's measurement: the GPU preset's train step at 32K tokens, MSA with
 #                  implementation="cuda" (2 dense warm-up steps, then sparse) and the same model with
 #                  dense cuDNN attention, one metrics JSON each (tokens/s per mode, first step excluded)
@@ -63,7 +64,9 @@ for step in "$@"; do
       run build env MSA_JAX_CUDA=ON MSA_JAX_CUDA_ARCHS=90a CMAKE_BUILD_PARALLEL_LEVEL=16 \
         python3 -m pip install --no-build-isolation --no-deps -e . ;;
     test-cuda)
-      run test-cuda python3 -m pytest tests/test_cuda.py tests/test_ffi_loader.py -m gpu -v --durations=10 ;;
+      # TEST_K: a pytest -k expression to run fewer (e.g. "attention" after a forward-kernel change).
+      run test-cuda python3 -m pytest tests/test_cuda.py tests/test_ffi_loader.py -m gpu -v --durations=10 \
+        ${TEST_K:+-k "$TEST_K"} ;;
     test-pallas)
       run test-pallas python3 -m pytest tests/test_pallas_scale.py -m gpu -v --durations=15 ;;
     test-pallas-suite)
@@ -77,7 +80,9 @@ for step in "$@"; do
       run bench-indexer python3 benchmarks/bench.py --config A --impl cuda pallas --ops indexer \
         --n 8192 32768 131072 --repeats 5 --warmup 2 --time-limit 60 --out "$OUT" ;;
     breakdown)
-      run breakdown python3 benchmarks/breakdown_fwd.py --config A --n 32768 131072 --impl cuda pallas ;;
+      # shellcheck disable=SC2086 (lists)
+      run breakdown python3 benchmarks/breakdown_fwd.py --config A --n 32768 131072 --impl ${BREAKDOWN_IMPLS:-cuda pallas} \
+        --item-steps ${ITEM_STEPS:-32} ;;
     train-32k)
       for variant in "msa --implementation cuda" "dense-cudnn"; do
         name=train-32k-${variant%% *}
@@ -86,7 +91,8 @@ for step in "$@"; do
           --attention $variant --metrics-out "$OUT/$name.json"
       done ;;
     profile)
-      run profile ncu --clock-control none --set full --import-source no -k regex:attention_fwd_kernel \
+      # XLA's command buffers (CUDA graphs) off: ncu then sees the kernel as a plain launch.
+      run profile env XLA_FLAGS=--xla_gpu_enable_command_buffer= ncu --clock-control none --set full --import-source no -k regex:attention_fwd_kernel \
         --launch-skip 3 --launch-count 1 -f -o "$OUT/attention_fwd" \
         python3 benchmarks/breakdown_fwd.py --config A --n 131072 --impl cuda
       run profile-details ncu -i "$OUT/attention_fwd.ncu-rep" --page details

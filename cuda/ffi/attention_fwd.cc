@@ -92,9 +92,10 @@ ffi::Error SparseAttentionPartials(cudaStream_t stream,
   }
   constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
   if (B < 1 || T < 1 || S < 1 || I < 1 || chunk < 1 || B > 65535 || Hkv > 65535 || T > kMax || S > kMax ||
-      I > kMax || R > kMax || E > kMax) {
+      I > kMax || R > kMax || E > kMax || T * Hq > kMax) {
     return Invalid("unsupported sizes B=" + std::to_string(B) + " T=" + std::to_string(T) + " S=" +
-                   std::to_string(S) + " items=" + std::to_string(I) + " partial rows=" + std::to_string(R));
+                   std::to_string(S) + " items=" + std::to_string(I) + " partial rows=" + std::to_string(R) +
+                   " (each of B, Hkv at most 65535; T, S, items, partial rows and T * Hq below 2^31)");
   }
   const int64_t G = Hq / Hkv;
   if (!attention_fwd_sm90_supports(static_cast<int>(D), block_size, static_cast<int>(G)) || !(softmax_scale > 0.0f)) {

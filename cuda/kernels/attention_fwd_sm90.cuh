@@ -14,6 +14,10 @@
 // stage, so one's softmax overlaps the other's matrix products.
 // Stages: 8 Q buffers of 64 x D. Step c uses buffer c % 8; warp c % 4 fills it and keeps two
 // steps in flight (cp.async groups), so a gather's latency is hidden behind seven others.
+// Each consumer loads the row metadata of its next step while it computes the current one
+// (entries at the step's start, the dependent last-visible key after its first product), and
+// writes partial rows through its own staging buffer in shared memory: one bulk copy
+// (cp.async.bulk, the TMA unit) per 128- or 256-byte row instead of scattered 4-byte stores.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -62,12 +66,15 @@ struct Config {
       GMMA::rs_op_selector<Element, Element, float, Shape<Int<kRows>, Int<kD>, Int<kBlock>>,
                            GMMA::Major::K, GMMA::Major::MN>()));
   static constexpr uint32_t kKVBytes = 2 * kBlock * kD * sizeof(Element);
+  static constexpr int kStageRow = kD + 8;  // elements per row of the output staging buffer
 
   struct SharedStorage {
     array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> q;
     array_aligned<Element, cosize_v<SmemLayoutKV>, 1024> k;
     array_aligned<Element, cosize_v<SmemLayoutKV>, 1024> v;
-    int64_t src[kStages][kRows];   // element offset of each row in q, -1: dead (the loading warp's own)
+    // One per consumer: its step's normalised rows, row-major with 16 bytes of padding per row
+    // (so a quad's 4-byte writes to 8 rows hit 32 distinct banks), copied out row by row.
+    array_aligned<Element, 2 * kRows * (kD + 8), 128> o;
     uint64_t full[kStages];        // mbarrier: stage gathered (1 arrival: the warp's lane 0)
     uint64_t empty[kStages];       // mbarrier: stage read (128 arrivals: the computing warpgroup)
     uint64_t kv_full;              // mbarrier: K and V landed (TMA transaction bytes)
@@ -102,35 +109,45 @@ struct KernelArgs {
 template <int kN>
 using AccAsAOperand = Layout<Shape<Shape<_2, _2, _2>, _1, Int<kN / 16>>, Stride<Stride<_1, _2, _4>, _0, _8>>;
 
-// Matrix row r of step c of a work item: where its query row sits in q, which partial row
-// it writes ((query * K + slot) * Hq + head) and how many keys of the tile it may see.
-// Dead rows (past the item's entries, past tokens * G, or naming an entry out of range)
-// have src = out_row = -1. The loading warp and the computing warpgroup each derive what
-// they need from global memory, so no row data passes between roles.
-struct RowInfo {
-  int64_t src;
-  int out_row;
-  int visible;
+// Matrix row r of step c of a work item: the (query, slot) entry it serves and its kv
+// head's query head. Dead rows (past the item's entries, past tokens * G, or naming an entry
+// out of range) have query = -1. The loading warps and the computing warpgroups each derive
+// what they need from global memory, so no row data passes between roles.
+struct RowEntry {
+  int query;  // relative to q_base, -1: dead row
+  int slot;
+  int head;
 };
 
-template <int kD>
-__device__ __forceinline__ RowInfo row_info(const AttentionFwdParams& p, int b, int g, int start, int count,
-                                            int tile, int group, int c, int r) {
+__device__ __forceinline__ RowEntry row_entry(const AttentionFwdParams& p, int b, int g, int start, int count,
+                                              int group, int c, int r) {
   const int tokens = kRows / group;
   const int token = r / group;
   const int e = c * tokens + token;  // entry within the item
-  RowInfo info{-1, -1, 0};
+  RowEntry info{-1, 0, g * group + r % group};
   if (token >= tokens || e >= count) return info;
   const int64_t entry = (int64_t(b) * p.num_kv_heads + g) * p.num_entries + start + e;
   const int query = p.entry_query[entry];
   const int slot = p.entry_slot[entry];
   if (query < 0 || query >= p.num_entries / p.top_k || slot < 0 || slot >= p.top_k) return info;
-  const int head = g * group + r % group;
-  const int q_abs = p.q_base + query;
-  info.src = ((int64_t(b) * p.q_len + q_abs) * p.num_q_heads + head) * kD;
-  info.out_row = (query * p.top_k + slot) * p.num_q_heads + head;
-  info.visible = min(max(p.last_visible[int64_t(b) * p.q_len + q_abs] - tile + 1, 0), kBlock);
+  info.query = query;
+  info.slot = slot;
   return info;
+}
+
+// Row of a live row in its batch row's q, seen as [T * Hq, D] (the handler keeps T * Hq < 2^31).
+__device__ __forceinline__ int row_src(const AttentionFwdParams& p, RowEntry e) {
+  return (p.q_base + e.query) * p.num_q_heads + e.head;
+}
+
+// The partial row a live row writes: ((query * K + slot) * Hq + head); -1 for a dead row.
+__device__ __forceinline__ int row_out(const AttentionFwdParams& p, RowEntry e) {
+  return e.query < 0 ? -1 : (e.query * p.top_k + e.slot) * p.num_q_heads + e.head;
+}
+
+// The last visible key of a row's query (absolute); a dead row sees nothing.
+__device__ __forceinline__ int row_last_visible(const AttentionFwdParams& p, int b, RowEntry e) {
+  return e.query < 0 ? -1 : p.last_visible[int64_t(b) * p.q_len + p.q_base + e.query];
 }
 
 __device__ __forceinline__ void cp_async_16(uint32_t smem_addr, const void* gmem) {
@@ -196,21 +213,32 @@ __global__ void __launch_bounds__(kThreads, 1)
       copy(args.tma_v.with(smem.kv_full), tv.partition_S(tile_of(args.tma_v)), tv.partition_D(sV));
     }
     Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Cfg::SmemLayoutQ{});
-    const Element* q = static_cast<const Element*>(p.q);
-    auto row = [&](int c, int r) { return row_info<kD>(p, b, g, start, count, tile, group, c, r); };
-    // Step c of this warp: row metadata, then the gather (one cp.async group per step).
+    const Element* q = static_cast<const Element*>(p.q) + int64_t(b) * p.q_len * p.num_q_heads * kD;
+    // Step c of this warp: lane l finds the q offsets of rows l and l + 32, then the warp
+    // gathers the step's rows (one cp.async group per step), each lane taking its 16-byte
+    // pieces' row offsets from the lane that found them.
     auto issue = [&](int c) {
       const int s = c % kStages;
-      cutlass::arch::ClusterBarrier::wait(&smem.empty[s], ((c / kStages) & 1) ^ 1);
-      for (int r = lane; r < kRows; r += 32) smem.src[s][r] = row(c, r).src;
-      __syncwarp();
+      int src[2];
       CUTE_UNROLL
-      for (int i = lane; i < kRows * Cfg::kChunks; i += 32) {
+      for (int h = 0; h < 2; ++h) {
+        const RowEntry e = row_entry(p, b, g, start, count, group, c, lane + 32 * h);
+        src[h] = e.query < 0 ? -1 : row_src(p, e);
+      }
+      cutlass::arch::ClusterBarrier::wait(&smem.empty[s], ((c / kStages) & 1) ^ 1);
+      constexpr int kPieces = kRows * Cfg::kChunks / 32;  // per lane
+      static_assert(32 % Cfg::kChunks == 0, "one gather instruction covers whole rows");
+      CUTE_UNROLL
+      for (int k = 0; k < kPieces; ++k) {
+        const int i = k * 32 + lane;
         const int r = i / Cfg::kChunks;
         const int col = (i % Cfg::kChunks) * (16 / sizeof(Element));
-        const int64_t src = smem.src[s][r];
+        // All rows of piece k lie in the same half (compile-time), so every lane reads the
+        // same register of its source lane.
+        constexpr int kRowsPerPiece = 32 / Cfg::kChunks;
+        const int row = __shfl_sync(0xffffffff, src[(k * kRowsPerPiece) / 32], r % 32);
         // A dead row keeps whatever the buffer held: its rows of S and O are never stored.
-        if (src >= 0) cp_async_16(cute::cast_smem_ptr_to_uint(&sQ(r, col, s)), q + src + col);
+        if (row >= 0) cp_async_16(cute::cast_smem_ptr_to_uint(&sQ(r, col, s)), q + int64_t(row) * kD + col);
       }
       cute::cp_async_fence();
     };
@@ -255,16 +283,30 @@ __global__ void __launch_bounds__(kThreads, 1)
     Element* out = static_cast<Element*>(p.out_partial) + int64_t(b) * p.num_out_rows * kD;
     float* lse_out = p.lse_partial + int64_t(b) * p.num_out_rows;
 
+    // This thread's two rows of every step (rows lane / 4 and lane / 4 + 8 of its warp's 16)
+    // and their metadata, one step ahead: step c's entries and last visible keys are loaded
+    // during this consumer's previous step c - 2.
+    const int my_row[2] = {get<0>(cs(0, 0)), get<0>(cs(1, 0))};
+    int next_out[2], last[2];  // of this consumer's next step
+    CUTE_UNROLL
+    for (int i = 0; i < 2; ++i) {
+      const RowEntry e = row_entry(p, b, g, start, count, group, consumer, my_row[i]);
+      next_out[i] = row_out(p, e);
+      last[i] = row_last_visible(p, b, e);
+    }
+    Element* stage = smem.o.data() + consumer * kRows * Cfg::kStageRow;
+    const int quad_lane = lane % 4;
+
     cutlass::arch::ClusterTransactionBarrier::wait(&smem.kv_full, 0);
     for (int c = consumer; c < n_steps; c += 2) {
       const int s = c % kStages;
-      // Each thread holds two rows of S; their metadata loads run while the stage fills.
       int out_row[2], visible[2];
+      RowEntry next[2];
       CUTE_UNROLL
       for (int i = 0; i < 2; ++i) {
-        const RowInfo info = row_info<kD>(p, b, g, start, count, tile, group, c, get<0>(cs(i, 0)));
-        out_row[i] = info.out_row;
-        visible[i] = info.visible;
+        out_row[i] = next_out[i];
+        visible[i] = min(max(last[i] - tile + 1, 0), kBlock);
+        next[i] = row_entry(p, b, g, start, count, group, c + 2, my_row[i]);  // in flight during S = Q K^T
       }
       cutlass::arch::ClusterBarrier::wait(&smem.full[s], (c / kStages) & 1);
       Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kRows>, Int<kBlock>>{});
@@ -281,6 +323,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       warpgroup_wait<0>();
       warpgroup_fence_operand(acc_s);
       cutlass::arch::ClusterBarrier::arrive(&smem.empty[s]);  // the Q stage is read
+      CUTE_UNROLL
+      for (int i = 0; i < 2; ++i) {
+        next_out[i] = row_out(p, next[i]);
+        last[i] = row_last_visible(p, b, next[i]);  // in flight during the softmax and O = P V
+      }
 
       // Softmax over this one tile. Keys past `visible` are masked; the worklist pairs a
       // query only with tiles starting at or before its last visible key, so visible >= 1
@@ -331,27 +378,38 @@ __global__ void __launch_bounds__(kThreads, 1)
       warpgroup_wait<0>();
       warpgroup_fence_operand(acc_o);
 
-      // Normalised partial rows (pairs of adjacent columns per store) and their lse.
+      // Normalised partial rows into the staging buffer (rows are warp-private), then one
+      // bulk copy per live row by the quad's lane 0, which also stores the row's lse.
       Tensor oc = make_tensor(acc_o.data(), sm90::acc_rows_by_cols(acc_o.layout()));  // (2, D/4)
-      const int quad_lane = lane % 4;
+      if (quad_lane == 0) cute::tma_store_wait<0>();  // this lane's previous copies have read the buffer
+      __syncwarp();
       CUTE_UNROLL
       for (int i = 0; i < 2; ++i) {
-        if (out_row[i] < 0) continue;
         const float inv = row_sum[i] > 0.0f ? 1.0f / row_sum[i] : 0.0f;
-        Element* dst = out + int64_t(out_row[i]) * kD;
+        Element* dst = stage + my_row[i] * Cfg::kStageRow;  // m64 accumulators of any N share rows
         CUTE_UNROLL
         for (int j = 0; j < size<1>(oc); j += 2) {
-          const int col = get<1>(co(i, j));
           cutlass::Array<Element, 2> pair;
           pair[0] = Element(oc(i, j) * inv);
           pair[1] = Element(oc(i, j + 1) * inv);
-          *reinterpret_cast<cutlass::Array<Element, 2>*>(dst + col) = pair;
-        }
-        if (quad_lane == 0) {
-          lse_out[out_row[i]] = row_sum[i] > 0.0f ? row_max[i] * p.softmax_scale + logf(row_sum[i]) : -INFINITY;
+          *reinterpret_cast<cutlass::Array<Element, 2>*>(dst + get<1>(co(i, j))) = pair;
         }
       }
+      cutlass::arch::fence_view_async_shared();  // the staged rows are visible to the bulk copies
+      __syncwarp();
+      if (quad_lane == 0) {
+        CUTE_UNROLL
+        for (int i = 0; i < 2; ++i) {
+          if (out_row[i] < 0) continue;
+          SM90_BULK_COPY_S2G::copy(stage + my_row[i] * Cfg::kStageRow, out + int64_t(out_row[i]) * kD,
+                                   kD * sizeof(Element));
+          lse_out[out_row[i]] = row_sum[i] > 0.0f ? row_max[i] * p.softmax_scale + logf(row_sum[i]) : -INFINITY;
+        }
+        cute::tma_store_arrive();
+      }
     }
+    // The shared memory must outlive the copies reading it.
+    if (quad_lane == 0) cute::tma_store_wait<0>();
   }
 #endif
 }
