@@ -13,7 +13,7 @@
 #   sanitize       compute-sanitizer memcheck and racecheck on a small case of each CUDA kernel
 #   bench-indexer  bench.py, config A, indexer only, cuda and pallas, 8K / 32K / 128K
 #   bench-A        bench.py, config A, every op, cuda and pallas (BENCH_IMPLS="cuda" for fewer), 8K / 32K / 128K
-#   bench-B        the same for config B
+#   bench-B        the same for config B (BENCH_OPS="indexer sparse_fwd msa_fwd": forward ops only)
 #   breakdown      the forward's stages (work list, kernel, combine) at 32K and 128K, config A
 #                  (BREAKDOWN_IMPLS="cuda" for fewer; ITEM_STEPS="32 64" sweeps cuda's work-item length)
 #   train-32k      issue #3's measurement: the GPU preset's train step at 32K tokens, MSA with
@@ -82,7 +82,7 @@ for step in "$@"; do
     breakdown)
       # shellcheck disable=SC2086 (lists)
       run breakdown python3 benchmarks/breakdown_fwd.py --config A --n 32768 131072 --impl ${BREAKDOWN_IMPLS:-cuda pallas} \
-        --item-steps ${ITEM_STEPS:-32} ;;
+        ${ITEM_STEPS:+--item-steps $ITEM_STEPS} ;;
     train-32k)
       for variant in "msa --implementation cuda" "dense-cudnn"; do
         name=train-32k-${variant%% *}
@@ -102,8 +102,10 @@ for step in "$@"; do
         --n 1048576 --baselines dense_fwd --repeats 1 --warmup 0 --time-limit 45 --out "$OUT" ;;
     bench-A|bench-B)
       # shellcheck disable=SC2086 (BENCH_IMPLS is a list)
+      # BENCH_OPS="indexer sparse_fwd msa_fwd" times the forward ops alone, against the dense forward.
+      ops=(); [ -n "${BENCH_OPS:-}" ] && ops=(--ops $BENCH_OPS --baselines dense_fwd)
       run "$step" python3 benchmarks/bench.py --config "${step#bench-}" --impl ${BENCH_IMPLS:-cuda pallas} \
-        --n 8192 32768 131072 --repeats 5 --warmup 2 --time-limit 60 --out "$OUT" ;;
+        --n 8192 32768 131072 --repeats 5 --warmup 2 --time-limit 60 --out "$OUT" "${ops[@]}" ;;
     *)
       echo "unknown step: $step" >&2; failed=$((failed + 1)) ;;
   esac

@@ -31,7 +31,9 @@ _DTYPES = ("bfloat16", "float16")
 _BLOCK_SIZE = 128
 _MAX_TOP_K = 32  # the indexer's running top-k (cuda/kernels/indexer_sm90.cu)
 _STEP_ROWS = 64  # matrix rows per step of the attention kernel (query tokens x G heads)
-_ITEM_STEPS = 32  # steps per work item: one K/V tile load serves up to 32 x 64 rows
+# Steps per work item: one K/V tile load serves up to 64 x 64 rows. 64 ran the kernel 4% faster
+# than 32 at 32K and 128K (config A, H200; benchmarks/results/logs/h200-20261202-breakdown.log).
+_ITEM_STEPS = 64
 
 
 @functools.cache
