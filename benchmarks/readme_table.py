@@ -48,7 +48,9 @@ def latest_cases(runs) -> dict[tuple, tuple[Path, dict, dict]]:
 
 
 def n_label(n: int) -> str:
-    """8192 -> "8K"; other lengths as they are."""
+    """8192 -> "8K", 1048576 -> "1M"; other lengths as they are."""
+    if n % (1 << 20) == 0:
+        return f"{n >> 20}M"
     return f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
 

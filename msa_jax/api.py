@@ -58,7 +58,7 @@ def _prepare(op, q, k, v, index_q, index_k, q_offset, kv_length, segment_ids, im
     positions = pos_lib.canonicalize(q_offset, kv_length, segment_ids, batch=B, q_len=T, kv_len=S)
     platform = jax.default_backend()
     call = CallInfo(op, B, T, S, Hq, Hkv, D, Di, str(q.dtype), index_dtype, segment_ids is not None, cfg, platform)
-    names = dispatch.resolve(implementation, platform, op)
+    names = dispatch.resolve(implementation, platform)
     return q, k, v, index_q, index_k, cfg, positions, call, names
 
 

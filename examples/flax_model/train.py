@@ -105,8 +105,8 @@ def preset(name: str) -> tuple[ModelConfig, TrainConfig]:
     if name == "gpu":
         # G = 8, D = Di = 128, Bk = 128, K = 16 (config A but for G, which is 16 there) with fewer
         # heads and layers so that T = 32768 trains on one GPU. implementation=None lets
-        # msa_jax pick per op (msa_jax.dispatch.default_order): on a Hopper GPU the attention
-        # runs on pallas, which is faster than the cuda forward so far.
+        # msa_jax pick (msa_jax.dispatch.default_order): on a Hopper GPU, cuda, whose
+        # backward and KL run the Pallas kernels.
         model = ModelConfig(
             vocab_size=VOCAB_SIZE, d_model=1024, num_layers=8, num_q_heads=16, num_kv_heads=2, head_dim=128,
             ffn_dim=2816, index_head_dim=128, top_k=16, block_size=128, dense_layers=1, rope_theta=500000.0,
