@@ -19,6 +19,11 @@ and 128, bf16 and fp16, ragged rows with padding, decode; out within 1e-2 (relat
 lse within 1e-3 * max(1, |lse|) with -inf where the reference has it. Then gradients
 (the Pallas backward behind cuda) and sparse_attention end to end, cosine >= 0.999, and a
 bitwise-repeatable forward.
+
+The conformance suite (marked `gpu`, TestCudaGPU): every test of tests/conformance.py with
+implementation="cuda" against the float64 oracle, on cases cuda serves (block 128, bf16)
+and the fixed-shape tests at block 128 / bf16 / D = Di = 64; packed documents and
+index_kl_loss alone are checked to be refused with a reason.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import jax.numpy as jnp
 import msa_jax
 from msa_jax import cuda as cuda_impl
 from msa_jax import dispatch
-from conformance import assert_bitwise_equal, assert_lse_close_scaled, cosine, rel_err
+from conformance import Case, ConformanceSuite, assert_bitwise_equal, assert_lse_close_scaled, cosine, rel_err
 from selection_check import block_scores, check_selection, query_blocks
 
 TIE_TOL = 1e-3  # selection: slack on the max-pooled index score (issue #4's tolerance)
@@ -300,3 +305,31 @@ def test_attention_grads_and_sparse_attention_end_to_end(rng):
     np.testing.assert_allclose(float(got_r.kl_loss), float(want_r.kl_loss), rtol=1e-2)
     for name, a, b in zip(("index_q", "index_k"), got_g, want_g):
         assert cosine(a, b) >= MIN_COSINE, f"d {name} cosine {cosine(a, b):.5f}"
+
+
+# ---- the conformance suite ---------------------------------------------------------------
+
+# What cuda serves: block 128 and bf16 inputs (the indexer reads bf16 index heads; fp16
+# attention is covered above). Chunked prefill with ragged rows and padding at both ends, G 16
+# with Di 64, G 3 and 7 with D 64, decode with a padding row, G 1.
+CUDA_CASES = (
+    Case(2, 300, 700, 8, 2, 128, 128, 128, 4, "bfloat16", q_offset=(400, -50), kv_length=(700, 200)),
+    Case(1, 600, 600, 16, 1, 128, 64, 128, 16, "bfloat16"),
+    Case(2, 520, 520, 12, 4, 64, 128, 128, 3, "bfloat16"),
+    Case(2, 1, 900, 8, 1, 128, 128, 128, 16, "bfloat16", kv_length=(900, 300)),
+    Case(1, 640, 640, 7, 1, 64, 64, 128, 5, "bfloat16"),
+    Case(1, 384, 384, 4, 4, 128, 128, 128, 2, "bfloat16"),
+)
+
+
+@pytest.mark.gpu
+@requires_gpu
+class TestCudaGPU(ConformanceSuite):
+    implementation = "cuda"
+    CASES = CUDA_CASES
+    GRAD_CASES = (CUDA_CASES[0], CUDA_CASES[2])
+    fixed_block = 128
+    fixed_dtype = "bfloat16"
+    fixed_dim = 64
+    serves_packed_documents = False
+    serves_index_kl_loss = False
