@@ -19,8 +19,6 @@
 #   train-32k      issue #3's measurement: the GPU preset's train step at 32K tokens, MSA with
 #                  implementation="cuda" (2 dense warm-up steps, then sparse) and the same model with
 #                  dense cuDNN attention, one metrics JSON each (tokens/s per mode, first step excluded)
-#   profile        Nsight Compute (--set full, clocks left alone) on one launch of the attention
-#                  forward kernel at 128K, config A: details and per-instruction SASS pages as text
 #   bench-1m       config A at 1M tokens, cuda: indexer, sparse forward, MSA forward (with XLA's
 #                  memory plan of each) against one cuDNN dense forward
 set -uo pipefail
@@ -90,13 +88,6 @@ for step in "$@"; do
         run "$name" python3 examples/flax_model/train.py --preset gpu --steps 12 --warmup-steps 2 --log-every 1 \
           --attention $variant --metrics-out "$OUT/$name.json"
       done ;;
-    profile)
-      # XLA's command buffers (CUDA graphs) off: ncu then sees the kernel as a plain launch.
-      run profile env XLA_FLAGS=--xla_gpu_enable_command_buffer= ncu --clock-control none --set full --import-source no -k regex:attention_fwd_kernel \
-        --launch-skip 3 --launch-count 1 -f -o "$OUT/attention_fwd" \
-        python3 benchmarks/breakdown_fwd.py --config A --n 131072 --impl cuda
-      run profile-details ncu -i "$OUT/attention_fwd.ncu-rep" --page details
-      ncu -i "$OUT/attention_fwd.ncu-rep" --page source --csv --print-source sass >"$OUT/attention_fwd-sass.csv" 2>&1 ;;
     bench-1m)
       run bench-1m python3 benchmarks/bench.py --config A --impl cuda --ops indexer sparse_fwd msa_fwd \
         --n 1048576 --baselines dense_fwd --repeats 1 --warmup 0 --time-limit 45 --out "$OUT" ;;
