@@ -74,7 +74,7 @@ struct Config {
     array_aligned<Element, cosize_v<SmemLayoutKV>, 1024> v;
     // One per consumer: its step's normalised rows, row-major with 16 bytes of padding per row
     // (so a quad's 4-byte writes to 8 rows hit 32 distinct banks), copied out row by row.
-    array_aligned<Element, 2 * kRows * (kD + 8), 128> o;
+    array_aligned<Element, 2 * kRows * kStageRow, 128> o;
     uint64_t full[kStages];        // mbarrier: stage gathered (1 arrival: the warp's lane 0)
     uint64_t empty[kStages];       // mbarrier: stage read (128 arrivals: the computing warpgroup)
     uint64_t kv_full;              // mbarrier: K and V landed (TMA transaction bytes)
