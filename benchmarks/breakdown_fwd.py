@@ -60,7 +60,7 @@ def main(argv=None):
         variants = [(impl, steps) for impl in args.impl for steps in (args.item_steps if impl == "cuda" else [None])]
         for impl, steps in variants:
             if impl == "cuda":
-                rows = (cuda_impl._STEP_ROWS // c.group_size) * steps
+                rows = cuda_impl.item_rows(c.group_size, steps)
                 kp, vp = x["k"], x["v"]
                 partials = functools.partial(cuda_impl._partials, scale=cfg.scale(c.head_dim), block_size=c.block_size,
                                              item_steps=steps)

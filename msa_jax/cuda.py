@@ -109,6 +109,11 @@ class CudaImplementation(Implementation):
         return self._pallas.kl_bwd(q, k, index_q, index_k, block_indices, lse, positions, cfg, dkl)
 
 
+def item_rows(group: int, item_steps: int = _ITEM_STEPS) -> int:
+    """Query tokens per work item of the attention kernel: 64 // G tokens a step."""
+    return _STEP_ROWS // group * item_steps
+
+
 def _partials(q, k, v, hi, c0: int, block_indices, qpos, doc, valid, *, scale: float, block_size: int,
               item_steps: int = _ITEM_STEPS):
     """One query chunk's slot partials from the CUDA kernel, shaped as kv_outer.combine takes
@@ -116,9 +121,8 @@ def _partials(q, k, v, hi, c0: int, block_indices, qpos, doc, valid, *, scale: f
     64-row steps one CTA walks over its key tile (benchmarks/breakdown_fwd.py sweeps it)."""
     B, Tc, Hkv, K = block_indices.shape
     Hq, D = q.shape[2], q.shape[3]
-    tokens = _STEP_ROWS // (Hq // Hkv)
     work = worklist.build(block_indices, qpos, doc, valid, kv_len=k.shape[1], block_size=block_size,
-                          rows=tokens * item_steps, packed=False)
+                          rows=item_rows(Hq // Hkv, item_steps), packed=False)
     o, lse = ops.sparse_attention_partials(q, k, v, hi, work, q_base=c0, top_k=K, block_size=block_size,
                                            softmax_scale=scale)
     return o.reshape(B, Tc, K, Hq, D), lse.reshape(B, Tc, K, Hq), work.entry_ok
