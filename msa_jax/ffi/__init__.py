@@ -10,20 +10,23 @@ Importing this module never fails and never imports the extension.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import os
+import re
 import threading
 from types import ModuleType
 from typing import Any
 
 import jax
 
-__all__ = ["build_info", "load", "register_targets", "unavailable_reason"]
+__all__ = ["build_info", "ffi_version_mismatch", "load", "register_targets",
+           "runtime_ffi_api_version", "unavailable_reason"]
 
 _EXTENSION = "msa_jax._msa_cuda"
-_NOT_BUILT = (
-    "msa_jax was installed without the CUDA extension "
-    "(MSA_JAX_CUDA=OFF or no nvcc at build time)"
-)
+# The build's own record (CMakeLists.txt writes it into every installed copy) of why the
+# extension was not built; absent only when msa_jax runs from a source tree never built.
+_BUILD_CONFIG = "msa_jax._build_config"
 
 # RLock: register_targets() holds it while calling load().
 _lock = threading.RLock()
@@ -48,9 +51,62 @@ def load() -> ModuleType | None:
             except ImportError as e:
                 # Not built at all vs. built but broken (wrong Python, missing symbol, ...).
                 missing = isinstance(e, ModuleNotFoundError) and e.name == _EXTENSION
-                _import_error = _NOT_BUILT if missing else f"the CUDA extension failed to import: {e}"
+                _import_error = (_not_built_reason() if missing
+                                 else f"the CUDA extension failed to import: {e}")
             _tried = True
         return _module
+
+
+def _not_built_reason() -> str:
+    """Why there is no ``msa_jax._msa_cuda``, in the build's own words where it left them."""
+    try:
+        because = importlib.import_module(_BUILD_CONFIG).CUDA_EXTENSION_MISSING_BECAUSE
+    except ImportError:
+        return ("msa_jax runs from a source tree without the CUDA extension "
+                "(install it with `pip install .`; see cuda/README.md)")
+    if because is None:
+        return "msa_jax was built with the CUDA extension, but msa_jax._msa_cuda is not installed"
+    return f"msa_jax was installed without the CUDA extension: {because}"
+
+
+def _parse_ffi_api_version(header: str) -> tuple[int, int] | None:
+    """(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR) from the text of xla/ffi/api/c_api.h."""
+    found = [re.search(rf"^#define XLA_FFI_API_{part} (\d+)", header, re.MULTILINE)
+             for part in ("MAJOR", "MINOR")]
+    return None if None in found else (int(found[0].group(1)), int(found[1].group(1)))
+
+
+@functools.cache
+def runtime_ffi_api_version() -> tuple[int, int] | None:
+    """The XLA FFI API version this process's jaxlib implements, or None if it cannot tell.
+
+    Read from the FFI headers jaxlib ships beside its runtime (``jax.ffi.include_dir()``),
+    which are the headers that runtime was built from.
+    """
+    path = os.path.join(jax.ffi.include_dir(), "xla", "ffi", "api", "c_api.h")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return _parse_ffi_api_version(f.read())
+    except OSError:
+        return None
+
+
+def ffi_version_mismatch(built: tuple[int, int],
+                         runtime: tuple[int, int] | None) -> str | None:
+    """Says why XLA would refuse handlers built against FFI API ``built``, or None.
+
+    XLA accepts a handler whose API has the runtime's major version and a minor version no
+    newer than the runtime's (xla/ffi/api/c_api.h, "Version"); it checks at call time, deep
+    inside an executable, so the loader checks first and refuses with a sentence instead.
+    """
+    if runtime is None or (built[0] == runtime[0] and built[1] <= runtime[1]):
+        return None
+    import jaxlib  # jax depends on it; imported here only for its version
+
+    return (f"the CUDA extension was built against XLA FFI API {built[0]}.{built[1]}, which "
+            f"this jaxlib {jaxlib.__version__} (FFI API {runtime[0]}.{runtime[1]}) does not "
+            "accept: rebuild msa_jax against this jaxlib or an older one (`pip install .` "
+            "builds against the oldest supported, jaxlib 0.10)")
 
 
 def _cuda_device_visible() -> bool:
@@ -65,11 +121,16 @@ def unavailable_reason() -> str | None:
     """Says why the cuda implementation cannot run here.
 
     Returns:
-      None if the extension is importable and JAX sees a CUDA device, else a sentence naming
-      the cause, suitable for a ``NotImplementedError`` or ``supports()`` message.
+      None if the extension is importable, this jaxlib accepts its FFI API version and JAX
+      sees a CUDA device, else a sentence naming the cause, suitable for a
+      ``NotImplementedError`` or ``supports()`` message.
     """
     if load() is None:
         return _import_error
+    mismatch = ffi_version_mismatch(tuple(_module.build_info()["xla_ffi_api_version"]),
+                                    runtime_ffi_api_version())
+    if mismatch is not None:
+        return mismatch
     if not _cuda_device_visible():
         return "no CUDA device visible to JAX (jax.devices('cuda') is empty or unavailable)"
     return None

@@ -13,6 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# The FFI target names; cuda/ffi/module.cc registers exactly these (tests/test_ffi_loader.py).
+SELECT_BLOCKS = "msa_select_blocks"
+SPARSE_ATTENTION_PARTIALS = "msa_sparse_attention_partials"
+TARGETS = (SELECT_BLOCKS, SPARSE_ATTENTION_PARTIALS)
+
 
 def select_blocks(index_q, index_k, q_offset, kv_length, *, top_k: int, block_size: int,
                   index_softmax_scale: float):
@@ -28,7 +33,7 @@ def select_blocks(index_q, index_k, q_offset, kv_length, *, top_k: int, block_si
     """
     B, T, Hkv, _ = index_q.shape
     out = jax.ShapeDtypeStruct((B, T, Hkv, top_k), jnp.int32)
-    call = jax.ffi.ffi_call("msa_select_blocks", out, vmap_method="sequential")
+    call = jax.ffi.ffi_call(SELECT_BLOCKS, out, vmap_method="sequential")
     return call(index_q, index_k, q_offset.astype(jnp.int32), kv_length.astype(jnp.int32),
                 top_k=np.int32(top_k), block_size=np.int32(block_size),
                 index_softmax_scale=np.float32(index_softmax_scale))
@@ -53,7 +58,7 @@ def sparse_attention_partials(q, k, v, last_visible, work, *, q_base: int, top_k
     B, _, Hq, D = q.shape
     rows = work.entry_query.shape[-1] * Hq
     out = (jax.ShapeDtypeStruct((B, rows, D), q.dtype), jax.ShapeDtypeStruct((B, rows), jnp.float32))
-    call = jax.ffi.ffi_call("msa_sparse_attention_partials", out, vmap_method="sequential")
+    call = jax.ffi.ffi_call(SPARSE_ATTENTION_PARTIALS, out, vmap_method="sequential")
     return call(q, k, v, last_visible.astype(jnp.int32), work.entry_query, work.entry_slot, work.item_start,
                 work.item_count, work.item_tile, q_base=np.int32(q_base), top_k=np.int32(top_k),
                 block_size=np.int32(block_size), softmax_scale=np.float32(softmax_scale))
