@@ -2,8 +2,8 @@
 #   make test   install with test extras, run the CPU suite (GPU tests are marked `gpu`)
 #   make demo   install, run the main job
 # MSA_JAX_CUDA=AUTO|ON|OFF chooses whether the CUDA extension is built (see cuda/README.md);
-# these targets default to OFF: the CPU suite and demo do not use it, and CI compiles it
-# separately (.ci/cuda_compile_check.sh).
+# these targets default to OFF: the CPU suite and demo do not use it, and CI builds it
+# separately, as a user's `pip install` does (.ci/wheel_check.sh).
 PYTHON ?= python3
 VENV ?= .venv
 MSA_JAX_CUDA ?= OFF

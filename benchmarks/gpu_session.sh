@@ -8,6 +8,11 @@
 # the later ones (the exit status is the number of failed steps):
 #   build          the CUDA extension for sm_90a into the device's Python (editable install)
 #   test-cuda      pytest -m gpu of the cuda implementation and the extension loader
+#   test-wheel     the same tests (every test of both files, TEST_K to narrow them) against an
+#                  installed wheel instead of the build step's editable install: dist/msa_jax-*.whl,
+#                  built elsewhere in isolation (KEEP=dist .ci/wheel_check.sh, for the device's
+#                  Python) and carried, installed into /tmp/wheel_site, tests run from outside
+#                  the checkout so that msa_jax is the installed copy
 #   test-pallas    pytest -m gpu of the Pallas scale tests (issue #4's acceptance at 4K / 32K)
 #   test-pallas-suite  the whole conformance suite against pallas on the GPU (TestPallasGPU)
 #   sanitize       compute-sanitizer memcheck and racecheck on a small case of each CUDA kernel
@@ -56,6 +61,13 @@ o, lse = msa_jax.block_sparse_attention(q, kv, kv, out[:, :, :, :4], block_size=
                                         kv_length=np.array([700, 200], np.int32), return_lse=True, implementation="cuda")
 print(np.asarray(o, np.float32)[0, -1, 0, :4], np.asarray(lse)[0, -1])'
 
+# pytest of the installed wheel, from outside the checkout (a subshell: the cd stays inside).
+repo=$PWD
+wheel_tests() (
+  cd /tmp && PYTHONPATH=/tmp/wheel_site python3 -m pytest -v --durations=10 -p no:cacheprovider \
+    "$repo/tests/test_ffi_loader.py" "$repo/tests/test_cuda.py" "$@"
+)
+
 for step in "$@"; do
   case $step in
     build)
@@ -65,6 +77,10 @@ for step in "$@"; do
       # TEST_K: a pytest -k expression to run fewer (e.g. "attention" after a forward-kernel change).
       run test-cuda python3 -m pytest tests/test_cuda.py tests/test_ffi_loader.py -m gpu -v --durations=10 \
         ${TEST_K:+-k "$TEST_K"} ;;
+    test-wheel)
+      rm -rf /tmp/wheel_site
+      run test-wheel-install python3 -m pip install --no-deps --no-index --target /tmp/wheel_site dist/msa_jax-*.whl
+      run test-wheel wheel_tests ${TEST_K:+-k "$TEST_K"} ;;
     test-pallas)
       run test-pallas python3 -m pytest tests/test_pallas_scale.py -m gpu -v --durations=15 ;;
     test-pallas-suite)
