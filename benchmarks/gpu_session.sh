@@ -7,7 +7,7 @@
 # Steps, in the order given; each writes its log under $OUT and a failing step does not stop
 # the later ones (the exit status is the number of failed steps):
 #   build          the CUDA extension for sm_90a into the device's Python (editable install)
-#   test-cuda      pytest -m gpu of the cuda implementation and the extension loader
+#   test-cuda      pytest -m gpu of the cuda implementation (forward, backward) and the extension loader
 #   test-wheel     the same tests (every test of both files, TEST_K to narrow them) against an
 #                  installed wheel instead of the build step's editable install: dist/msa_jax-*.whl,
 #                  built elsewhere in isolation (KEEP=dist .ci/wheel_check.sh, for the device's
@@ -45,7 +45,8 @@ run() {  # run NAME CMD...: log to $OUT/NAME.log, echo a one-line status
   [ $rc -eq 0 ] || failed=$((failed + 1))
 }
 
-# A small select_blocks call and a block_sparse_attention on its rows: what the sanitizer tools watch. The platform allocator gives
+# A small select_blocks call, a block_sparse_attention on its rows and its gradients (both backward
+# modes): what the sanitizer tools watch. The platform allocator gives
 # each buffer its own cudaMalloc, so memcheck sees an access one byte past a buffer.
 sanitize_case='
 import numpy as np, jax, jax.numpy as jnp, msa_jax
@@ -59,7 +60,13 @@ q = jnp.asarray(r.standard_normal((2, 300, 8, 128)), jnp.bfloat16)
 kv = jnp.asarray(r.standard_normal((2, 700, 2, 128)), jnp.bfloat16)
 o, lse = msa_jax.block_sparse_attention(q, kv, kv, out[:, :, :, :4], block_size=128, q_offset=np.array([400, -50], np.int32),
                                         kv_length=np.array([700, 200], np.int32), return_lse=True, implementation="cuda")
-print(np.asarray(o, np.float32)[0, -1, 0, :4], np.asarray(lse)[0, -1])'
+print(np.asarray(o, np.float32)[0, -1, 0, :4], np.asarray(lse)[0, -1])
+for det in (False, True):
+    loss = lambda q, k, v: jnp.sum(msa_jax.block_sparse_attention(
+        q, k, v, out[:, :, :, :4], block_size=128, q_offset=np.array([400, -50], np.int32),
+        kv_length=np.array([700, 200], np.int32), deterministic=det, implementation="cuda").astype(jnp.float32))
+    dq, dk, dv = jax.grad(loss, argnums=(0, 1, 2))(q, kv, kv)
+    print("backward", det, float(jnp.abs(dq.astype(jnp.float32)).sum()), float(jnp.abs(dk.astype(jnp.float32)).sum()))'
 
 # pytest of the installed wheel, from outside the checkout (a subshell: the cd stays inside).
 repo=$PWD
@@ -75,7 +82,8 @@ for step in "$@"; do
         python3 -m pip install --no-build-isolation --no-deps -e . ;;
     test-cuda)
       # TEST_K: a pytest -k expression to run fewer (e.g. "attention" after a forward-kernel change).
-      run test-cuda python3 -m pytest tests/test_cuda.py tests/test_ffi_loader.py -m gpu -v --durations=10 \
+      run test-cuda python3 -m pytest tests/test_cuda.py tests/test_cuda_bwd.py tests/test_ffi_loader.py -m gpu -v \
+        --durations=10 --maxfail=${MAXFAIL:-1000} \
         ${TEST_K:+-k "$TEST_K"} ;;
     test-wheel)
       rm -rf /tmp/wheel_site

@@ -85,6 +85,7 @@ def sparse_attention(
     softmax_scale: float | None = None,
     index_softmax_scale: float | None = None,
     kl_coeff: float = 1.0,
+    deterministic: bool = False,
     implementation=None,
 ) -> MSAOutput:
     """MiniMax Sparse Attention: index branch, block selection, main branch and KL loss.
@@ -105,6 +106,9 @@ def sparse_attention(
         each a contiguous run of equal ids, with positions and block grid restarting there.
       softmax_scale, index_softmax_scale: None for 1/sqrt(D) and 1/sqrt(Di).
       kl_coeff: multiplier of the KL loss.
+      deterministic: make the gradients bitwise repeatable from call to call. Only the
+        cuda backward needs it (it adds with atomics by default, faster where many queries
+        share a key block); xla and pallas are always deterministic.
       implementation: None, "xla", "pallas", "cuda", or a sequence of those tried in order.
 
     Returns:
@@ -120,7 +124,7 @@ def sparse_attention(
     q, k, v, index_q, index_k, cfg, pos, call, names = _prepare(
         "sparse_attention", q, k, v, index_q, index_k, q_offset, kv_length, segment_ids, implementation,
         top_k=top_k, block_size=block_size, mode=mode, softmax_scale=softmax_scale,
-        index_softmax_scale=index_softmax_scale, kl_coeff=kl_coeff,
+        index_softmax_scale=index_softmax_scale, kl_coeff=kl_coeff, deterministic=deterministic,
     )
 
     def serve(impl):
@@ -197,6 +201,7 @@ def block_sparse_attention(
     segment_ids=None,
     softmax_scale: float | None = None,
     return_lse: bool = False,
+    deterministic: bool = False,
     implementation=None,
 ):
     """The main branch alone: exact softmax attention over the blocks in block_indices.
@@ -207,6 +212,7 @@ def block_sparse_attention(
         matter, -1 and ids outside [0, ceil(S / block_size)) are ignored, causality is
         applied per key. Duplicate ids violate the contract (see `check_block_indices`).
       return_lse: also return lse float32 [B, T, Hq].
+      deterministic: bitwise-repeatable gradients (see `sparse_attention`).
 
     Returns:
       out [B, T, Hq, D] in q's dtype, or (out, lse) if return_lse. Gradients reach q, k, v.
@@ -214,7 +220,7 @@ def block_sparse_attention(
     v = validation.as_array(v, "v")
     q, k, v, _, _, cfg, pos, call, names = _prepare(
         "block_sparse_attention", q, k, v, None, None, q_offset, kv_length, segment_ids, implementation,
-        block_size=block_size, softmax_scale=softmax_scale,
+        block_size=block_size, softmax_scale=softmax_scale, deterministic=deterministic,
     )
     block_indices = validation.check_block_indices_shape(block_indices, B=q.shape[0], T=q.shape[1], Hkv=k.shape[2])
 
@@ -258,7 +264,7 @@ def index_kl_loss(
     q, k, _, index_q, index_k, cfg, pos, call, names = _prepare(
         "index_kl_loss", q, k, None, index_q, index_k, q_offset, kv_length, segment_ids, implementation,
         block_size=block_size, mode=mode, softmax_scale=softmax_scale,
-        index_softmax_scale=index_softmax_scale, kl_coeff=kl_coeff,
+        index_softmax_scale=index_softmax_scale, kl_coeff=kl_coeff, deterministic=deterministic,
     )
     block_indices = validation.check_block_indices_shape(block_indices, B=q.shape[0], T=q.shape[1], Hkv=k.shape[2])
 

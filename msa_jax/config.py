@@ -29,6 +29,8 @@ class MSAConfig:
       softmax_scale: s, or None for 1/sqrt(D).
       index_softmax_scale: si, or None for 1/sqrt(Di).
       kl_coeff: multiplier of the KL loss.
+      deterministic: gradients bitwise repeatable from call to call. xla and pallas always
+        are; the cuda backward then gives up its atomic adds (see msa_jax/cuda.py).
     """
 
     top_k: int = 16
@@ -37,6 +39,7 @@ class MSAConfig:
     softmax_scale: float | None = None
     index_softmax_scale: float | None = None
     kl_coeff: float = 1.0
+    deterministic: bool = False
 
     def __post_init__(self):
         # Re-checked here (not only in validation.py) because configs are also built
@@ -58,6 +61,8 @@ class MSAConfig:
         if not (_is_real(self.kl_coeff) and math.isfinite(self.kl_coeff)):
             raise ValueError(f"kl_coeff must be a finite real number, got {self.kl_coeff!r}")
         object.__setattr__(self, "kl_coeff", float(self.kl_coeff))
+        if not isinstance(self.deterministic, bool):
+            raise TypeError(f"deterministic must be a Python bool, got {self.deterministic!r}")
 
     @property
     def dense(self) -> bool:

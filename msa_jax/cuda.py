@@ -1,11 +1,11 @@
 """The `cuda` implementation: CUTLASS/CuTe kernels for Hopper (SM90) behind the XLA FFI.
 
-CUDA kernels: `select_blocks` (the fused indexer, cuda/kernels/indexer_sm90.cuh) and the
+CUDA kernels: `select_blocks` (the fused indexer, cuda/kernels/indexer_sm90.cuh), the
 block-sparse attention forward (KV-outer slot partials, cuda/kernels/attention_fwd_sm90.cuh;
-the work list and the log-sum-exp combine are the Pallas implementation's jnp code). The
-attention backward, the KL loss and the KL teacher's lse have no CUDA kernel yet: this
-implementation runs the Pallas kernels for them, so `sparse_attention` and the gradients of
-`block_sparse_attention` work end to end, with the indexer and the forward in CUDA.
+the work list and the log-sum-exp combine are the Pallas implementation's jnp code) and its
+backward (KV-outer over the same work lists, cuda/kernels/attention_bwd_sm90.cuh). The KL
+loss and the KL teacher's lse have no CUDA kernel yet: this implementation runs the Pallas
+kernels for them, so `sparse_attention` works end to end.
 `index_kl_loss` alone is not served (it would be Pallas only): the dispatcher falls through.
 """
 
@@ -14,14 +14,16 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from . import ffi
+from . import positions as pos_lib
 from .config import CallInfo
 from .dispatch import Implementation
 from .ffi import ops
 from .pallas import PallasImplementation, dense_indices
 from .pallas import attention_fwd as kv_outer
-from .pallas import worklist
+from .pallas import common, worklist
 
 # Ops with a CUDA kernel in them; cuda/include/msa/launch.h and the handlers say the same.
 SERVED_OPS = ("select_blocks", "block_sparse_attention", "sparse_attention")
@@ -100,7 +102,11 @@ class CudaImplementation(Implementation):
         return self._pallas.attention_lse(q, k, block_indices, positions, cfg)
 
     def attention_bwd(self, q, k, v, block_indices, positions, cfg, out, lse, dout, dlse):
-        return self._pallas.attention_bwd(q, k, v, block_indices, positions, cfg, out, lse, dout, dlse)
+        ffi.register_targets()
+        if cfg.dense:
+            block_indices = dense_indices(block_indices, k.shape[1], cfg.block_size)
+        return _backward(q, k, v, block_indices, positions, out, lse, dout, dlse, scale=cfg.scale(q.shape[-1]),
+                         block_size=cfg.block_size, deterministic=cfg.deterministic)
 
     def kl_fwd(self, q, k, index_q, index_k, block_indices, lse, positions, cfg):
         return self._pallas.kl_fwd(q, k, index_q, index_k, block_indices, lse, positions, cfg)
@@ -126,3 +132,43 @@ def _partials(q, k, v, hi, c0: int, block_indices, qpos, doc, valid, *, scale: f
     o, lse = ops.sparse_attention_partials(q, k, v, hi, work, q_base=c0, top_k=K, block_size=block_size,
                                            softmax_scale=scale)
     return o.reshape(B, Tc, K, Hq, D), lse.reshape(B, Tc, K, Hq), work.entry_ok
+
+
+def _backward(q, k, v, block_indices, positions, out, lse, dout, dlse, *, scale: float, block_size: int,
+              deterministic: bool):
+    """(dq, dk, dv) in the dtypes of q, k, v from the CUDA KV-outer backward.
+
+    Default: one call over all queries with the forward's work items (hot tiles split over
+    several CTAs); dq, dk, dv are float32 sums built by atomic adds, so their last bits
+    depend on the order the adds land in. deterministic=True: per query chunk, one work item
+    per key tile and dq as slot partials summed here over slots, so every sum has a fixed
+    order and repeated calls give identical bits (slower where many queries share a tile).
+    """
+    B, T, Hq, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    G, K = Hq // Hkv, block_indices.shape[3]
+    qpos, doc, valid = pos_lib.query_coords(positions, T)
+    hi = pos_lib.last_visible_key(positions, qpos, valid)
+    # d lse(row) = sum_t ds_t with ds = p * (dp - delta): dlse enters as -dlse in delta.
+    delta = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1) - dlse
+    lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    call = functools.partial(ops.sparse_attention_bwd, q, k, v, dout, lse, delta, hi, top_k=K,
+                             block_size=block_size, softmax_scale=scale, deterministic=deterministic)
+    if not deterministic:
+        work = worklist.build(block_indices, qpos, doc, valid, kv_len=S, block_size=block_size,
+                              rows=item_rows(G), packed=False)
+        dq, dk, dv = call(work, q_base=0)
+        return dq.reshape(B, T, Hq, D).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+    chunk = common.query_chunk(T, K * Hq * D * 4)
+    dqs, dk, dv = [], 0.0, 0.0
+    for c0 in range(0, T, chunk):
+        sl = slice(c0, min(T, c0 + chunk))
+        Tc = sl.stop - sl.start
+        work = worklist.build(block_indices[:, sl], qpos[:, sl], doc[:, sl], valid[:, sl], kv_len=S,
+                              block_size=block_size, rows=Tc * K, packed=False)
+        dq_part, dk_c, dv_c = call(work, q_base=c0)
+        # Rows of entries that took no part were zeroed by the handler: a plain sum over slots.
+        dqs.append(jnp.sum(dq_part.reshape(B, Tc, K, Hq, D), axis=2))
+        dk, dv = dk + dk_c, dv + dv_c
+    dq = jnp.concatenate(dqs, axis=1)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)

@@ -22,15 +22,6 @@ constexpr const char* kOp = "msa_sparse_attention_partials";
 
 ffi::Error Invalid(const std::string& what) { return ffi::Error::InvalidArgument(std::string(kOp) + ": " + what); }
 
-bool has_dims(const ffi::Span<const int64_t>& d, std::initializer_list<int64_t> want) {
-  if (d.size() != want.size()) return false;
-  size_t i = 0;
-  for (int64_t w : want) {
-    if (d[i++] != w) return false;
-  }
-  return true;
-}
-
 ffi::Error SparseAttentionPartials(cudaStream_t stream,
                                    ffi::AnyBuffer q,                       // [B, T, Hq, D]
                                    ffi::AnyBuffer k,                       // [B, S, Hkv, D]

@@ -1,18 +1,30 @@
-// What the FFI handler files share: the handler symbols module.cc registers, and the two
-// helpers every handler's messages use.
+// What the FFI handler files share: the handler symbols module.cc registers, the shape test
+// and the helpers every handler's messages use.
 #pragma once
 
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 
 #include "xla/ffi/api/ffi.h"
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(MsaSelectBlocks);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(MsaSparseAttentionPartials);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(MsaSparseAttentionBwd);
 
 namespace msa {
+
+// True iff a buffer's dimensions are exactly `want`.
+inline bool has_dims(const xla::ffi::Span<const int64_t>& d, std::initializer_list<int64_t> want) {
+  if (d.size() != want.size()) return false;
+  size_t i = 0;
+  for (int64_t w : want) {
+    if (d[i++] != w) return false;
+  }
+  return true;
+}
 
 inline std::string dims_str(xla::ffi::Span<const int64_t> dims) {
   std::string s = "[";

@@ -31,6 +31,7 @@ nb::dict Registrations() {
   // One entry per handler (cuda/ffi/*.cc); msa_jax/ffi/ops.py calls them by these names.
   targets["msa_select_blocks"] = EncapsulateFfiHandler(MsaSelectBlocks);
   targets["msa_sparse_attention_partials"] = EncapsulateFfiHandler(MsaSparseAttentionPartials);
+  targets["msa_sparse_attention_bwd"] = EncapsulateFfiHandler(MsaSparseAttentionBwd);
   return targets;
 }
 

@@ -31,15 +31,14 @@
 #include <cutlass/numeric_conversion.h>
 #include <cutlass/numeric_types.h>
 
+#include "attention_rows_sm90.cuh"
 #include "msa/params.h"
 #include "sm90_common.cuh"
 
 namespace msa::attention_fwd_sm90 {
 
 using namespace cute;
-
-constexpr int kBlock = 128;  // keys per tile (block_size must be 128)
-constexpr int kRows = 64;    // matrix rows per step: one wgmma M
+using namespace attention_sm90;
 constexpr int kStages = 8;
 constexpr int kLoadWarps = 4;
 constexpr int kThreads = 128 * 3;
@@ -102,58 +101,6 @@ struct KernelArgs {
   typename Cfg::Tma tma_v;
 };
 
-// The registers of an m64nNk16 accumulator, converted to q's dtype, read as the A operand of
-// an RS wgmma over K = N: ((2 cols, 2 rows, 2 col groups), MMA_M, N/16). partition_fragment_C
-// lays the accumulator out compactly, ((2, 2, N/8), 1, 1) : ((1, 2, 4), 0, 0); the A operand
-// of one k16 step is two consecutive 8-column groups, so the layout is a reshape.
-template <int kN>
-using AccAsAOperand = Layout<Shape<Shape<_2, _2, _2>, _1, Int<kN / 16>>, Stride<Stride<_1, _2, _4>, _0, _8>>;
-
-// Matrix row r of step c of a work item: the (query, slot) entry it serves and its kv
-// head's query head. Dead rows (past the item's entries, past tokens * G, or naming an entry
-// out of range) have query = -1. The loading warps and the computing warpgroups each derive
-// what they need from global memory, so no row data passes between roles.
-struct RowEntry {
-  int query;  // relative to q_base, -1: dead row
-  int slot;
-  int head;
-};
-
-__device__ __forceinline__ RowEntry row_entry(const AttentionFwdParams& p, int b, int g, int start, int count,
-                                              int group, int c, int r) {
-  const int tokens = kRows / group;
-  const int token = r / group;
-  const int e = c * tokens + token;  // entry within the item
-  RowEntry info{-1, 0, g * group + r % group};
-  if (token >= tokens || e >= count) return info;
-  const int64_t entry = (int64_t(b) * p.num_kv_heads + g) * p.num_entries + start + e;
-  const int query = p.entry_query[entry];
-  const int slot = p.entry_slot[entry];
-  if (query < 0 || query >= p.num_entries / p.top_k || slot < 0 || slot >= p.top_k) return info;
-  info.query = query;
-  info.slot = slot;
-  return info;
-}
-
-// Row of a live row in its batch row's q, seen as [T * Hq, D] (the handler keeps T * Hq < 2^31).
-__device__ __forceinline__ int row_src(const AttentionFwdParams& p, RowEntry e) {
-  return (p.q_base + e.query) * p.num_q_heads + e.head;
-}
-
-// The partial row a live row writes: ((query * K + slot) * Hq + head); -1 for a dead row.
-__device__ __forceinline__ int row_out(const AttentionFwdParams& p, RowEntry e) {
-  return e.query < 0 ? -1 : (e.query * p.top_k + e.slot) * p.num_q_heads + e.head;
-}
-
-// The last visible key of a row's query (absolute); a dead row sees nothing.
-__device__ __forceinline__ int row_last_visible(const AttentionFwdParams& p, int b, RowEntry e) {
-  return e.query < 0 ? -1 : p.last_visible[int64_t(b) * p.q_len + p.q_base + e.query];
-}
-
-__device__ __forceinline__ void cp_async_16(uint32_t smem_addr, const void* gmem) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr), "l"(gmem));
-}
-
 template <class Cfg>
 __global__ void __launch_bounds__(kThreads, 1)
     attention_fwd_kernel(const __grid_constant__ KernelArgs<Cfg> args) {
@@ -171,13 +118,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int count = p.item_count[item_index];
   const int start = p.item_start[item_index];
   const int tile = p.item_tile[item_index];
-  // Unused work items (the grid is a static upper bound) have count 0; an item that would
-  // read past its entries or name a tile outside the keys is skipped the same way, so no
-  // content of the work list can send an access out of bounds.
-  if (count <= 0 || start < 0 || count > p.num_entries - start || tile < 0 || tile >= p.kv_len ||
-      tile % kBlock != 0) {
-    return;
-  }
+  if (!item_in_bounds(count, start, p.num_entries, tile, p.kv_len)) return;
   const int group = p.num_q_heads / p.num_kv_heads;
   const int tokens = kRows / group;  // query tokens per step
   const int n_steps = (count + tokens - 1) / tokens;
@@ -363,7 +304,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       static_assert(cosize(decltype(acc_s.layout()){}) == size(decltype(acc_s.layout()){}) &&
                     size<0, 0>(decltype(acc_s.layout()){}) == 2 && stride<0, 2>(decltype(acc_s.layout()){}) == 4,
                     "compact ((2, 2, N/8), 1, 1) accumulator");
-      Tensor tOrP = make_tensor(p_reg.data(), AccAsAOperand<kBlock>{});
+      Tensor tOrP = make_tensor(p_reg.data(), sm90::AccAsAOperand<kBlock>{});
       Tensor acc_o = partition_fragment_C(mma_o, Shape<Int<kRows>, Int<kD>>{});
       warpgroup_fence_operand(tOrP);
       warpgroup_fence_operand(acc_o);

@@ -1,5 +1,6 @@
-// Helpers the SM90 kernels share: the wgmma accumulator seen as (rows, cols), and the
-// alignment test every launcher applies to its TMA / cp.async base pointers.
+// Helpers the SM90 kernels share: the wgmma accumulator seen as (rows, cols) and as the A
+// operand of a register-sourced wgmma, and the alignment test every launcher applies to its
+// TMA / cp.async base pointers.
 #pragma once
 
 #include <cstdint>
@@ -17,6 +18,14 @@ CUTE_HOST_DEVICE auto acc_rows_by_cols(Layout const& l) {
   auto v = get<0>(l);
   return make_layout(make_layout(get<1>(v), get<1>(l)), make_layout(get<0>(v), get<2>(v), get<2>(l)));
 }
+
+// The registers of an m64nNk16 accumulator, converted to the input dtype, read as the A
+// operand of an RS wgmma over K = N: ((2 cols, 2 rows, 2 col groups), MMA_M, N/16). partition_fragment_C
+// lays the accumulator out compactly, ((2, 2, N/8), 1, 1) : ((1, 2, 4), 0, 0); the A operand
+// of one k16 step is two consecutive 8-column groups, so the layout is a reshape.
+template <int kN>
+using AccAsAOperand = cute::Layout<cute::Shape<cute::Shape<cute::_2, cute::_2, cute::_2>, cute::_1, cute::Int<kN / 16>>,
+                                   cute::Stride<cute::Stride<cute::_1, cute::_2, cute::_4>, cute::_0, cute::_8>>;
 
 // TMA descriptors and cp.async need 16-byte aligned global addresses.
 inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }

@@ -16,7 +16,8 @@ import numpy as np
 # The FFI target names; cuda/ffi/module.cc registers exactly these (tests/test_ffi_loader.py).
 SELECT_BLOCKS = "msa_select_blocks"
 SPARSE_ATTENTION_PARTIALS = "msa_sparse_attention_partials"
-TARGETS = (SELECT_BLOCKS, SPARSE_ATTENTION_PARTIALS)
+SPARSE_ATTENTION_BWD = "msa_sparse_attention_bwd"
+TARGETS = (SELECT_BLOCKS, SPARSE_ATTENTION_PARTIALS, SPARSE_ATTENTION_BWD)
 
 
 def select_blocks(index_q, index_k, q_offset, kv_length, *, top_k: int, block_size: int,
@@ -62,3 +63,37 @@ def sparse_attention_partials(q, k, v, last_visible, work, *, q_base: int, top_k
     return call(q, k, v, last_visible.astype(jnp.int32), work.entry_query, work.entry_slot, work.item_start,
                 work.item_count, work.item_tile, q_base=np.int32(q_base), top_k=np.int32(top_k),
                 block_size=np.int32(block_size), softmax_scale=np.float32(softmax_scale))
+
+
+def sparse_attention_bwd(q, k, v, dout, lse, delta, last_visible, work, *, q_base: int, top_k: int,
+                         block_size: int, softmax_scale: float, deterministic: bool):
+    """KV-outer backward of one query chunk (target "msa_sparse_attention_bwd").
+
+    Args:
+      q, dout: [B, T, Hq, D] (all queries); k, v: [B, S, Hkv, D]; bf16 or fp16, one dtype.
+      lse, delta: float32 [B, T, Hq]: the forward's lse (finite wherever an entry is live)
+        and rowsum(dout * out) - dlse.
+      last_visible: int32 [B, T], the last key each query may see (-1: none).
+      work: the chunk's `msa_jax.pallas.worklist.WorkList`, rows a multiple of 64 // G; with
+        deterministic=True it must hold one work item per (key tile, kv head).
+      q_base: first query of the chunk; top_k, block_size, softmax_scale: the spec's K, Bk, s.
+      deterministic: write dq as slot partials (no atomics) and add dk / dv in a fixed order.
+
+    Returns:
+      (dq, dk, dv) float32: dk, dv [B, S, Hkv, D], this chunk's sums; dq [B, T * Hq, D] rows
+      (query * Hq + head) of the chunk's queries summed over their tiles (other rows 0), or
+      with deterministic=True [B, chunk * top_k * Hq, D] slot partials, row
+      (query * top_k + slot) * Hq + head (0 where no live entry).
+    """
+    B, T, Hq, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    dq_rows = work.entry_query.shape[-1] * Hq if deterministic else T * Hq
+    out = (jax.ShapeDtypeStruct((B, dq_rows, D), jnp.float32),
+           jax.ShapeDtypeStruct((B, S, Hkv, D), jnp.float32),
+           jax.ShapeDtypeStruct((B, S, Hkv, D), jnp.float32))
+    call = jax.ffi.ffi_call(SPARSE_ATTENTION_BWD, out, vmap_method="sequential")
+    return call(q, k, v, dout, lse.astype(jnp.float32), delta.astype(jnp.float32),
+                last_visible.astype(jnp.int32), work.entry_query, work.entry_slot, work.item_start,
+                work.item_count, work.item_tile, q_base=np.int32(q_base), top_k=np.int32(top_k),
+                block_size=np.int32(block_size), softmax_scale=np.float32(softmax_scale),
+                deterministic=bool(deterministic))

@@ -19,4 +19,8 @@ enum class ElementType { kBFloat16, kFloat16 };
 bool attention_fwd_sm90_supports(int head_dim, int block_size, int group);
 cudaError_t launch_attention_fwd_sm90(const AttentionFwdParams& params, ElementType dtype, cudaStream_t stream);
 
+// Which (D, G) the SM90 KV-outer attention backward is compiled for (attention_bwd_sm90.cuh).
+bool attention_bwd_sm90_supports(int head_dim, int block_size, int group);
+cudaError_t launch_attention_bwd_sm90(const AttentionBwdParams& params, ElementType dtype, cudaStream_t stream);
+
 }  // namespace msa

@@ -61,4 +61,48 @@ struct AttentionFwdParams {
   float softmax_scale;  // s > 0
 };
 
+// block_sparse_attention backward, KV-outer (spec, "Main branch"), over the same work lists as
+// the forward. Inputs: q, dout [B, q_len, Hq, D] and k, v [B, S, Hkv, D] (one dtype, bf16 or
+// fp16); lse and delta [B, q_len, Hq] f32 (delta = rowsum(dout * out) - dlse; lse finite for
+// every row an entry names); last_visible [B, q_len]; the work list of the query chunk
+// [q_base, q_base + num_entries / top_k). Outputs, float32, zeroed by the caller; every
+// contribution is an atomic add:
+//   dk, dv [B, S, Hkv, D]: each item adds its tile's sums;
+//   dq: deterministic = false: [B, q_len * Hq, D], each row receives one add per (tile, key
+//       half) it selected; deterministic = true: [B, num_out_rows, D] slot partials, row
+//       (query * top_k + slot) * Hq + head receives the two halves of its one tile.
+// deterministic = true also requires one work item per (tile, kv head). Then no element gets
+// more than two adds onto zero, and a + b = b + a, so repeated calls give identical bits.
+struct AttentionBwdParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* dout;
+  const float* lse;
+  const float* delta;
+  const int32_t* last_visible;
+  const int32_t* entry_query;
+  const int32_t* entry_slot;
+  const int32_t* item_start;
+  const int32_t* item_count;
+  const int32_t* item_tile;
+  float* dq;
+  float* dk;
+  float* dv;
+  int batch;         // B
+  int q_len;         // queries in q (all chunks)
+  int q_base;        // first query of this chunk
+  int kv_len;        // S
+  int num_q_heads;   // Hq
+  int num_kv_heads;  // Hkv
+  int head_dim;      // D
+  int block_size;    // Bk
+  int top_k;         // K
+  int num_entries;   // chunk * K
+  int num_items;
+  int num_out_rows;  // chunk * K * Hq (deterministic dq rows)
+  float softmax_scale;  // s > 0
+  bool deterministic;
+};
+
 }  // namespace msa
