@@ -192,10 +192,12 @@ def weighted_sum(out, w):
     return jnp.sum(out.astype(jnp.float32) * w.astype(jnp.float32))
 
 
-def op_function(op: str, impl: str, cfg: Config):
-    """The un-jitted function that `op` times, taking the arrays OP_INPUTS[op] names."""
-    sparse = dict(block_size=cfg.block_size, implementation=impl)
+def op_function(op: str, impl: str, cfg: Config, deterministic: bool = False):
+    """The un-jitted function that `op` times, taking the arrays OP_INPUTS[op] names.
+    deterministic: the ops' option of that name (bitwise-repeatable gradients)."""
+    sparse = dict(block_size=cfg.block_size, deterministic=deterministic, implementation=impl)
     selection = dict(top_k=cfg.top_k, block_size=cfg.block_size, implementation=impl)
+    msa_options = dict(selection, deterministic=deterministic)
 
     def indexer(index_q, index_k):
         return msa_jax.select_blocks(index_q, index_k, **selection)
@@ -207,7 +209,7 @@ def op_function(op: str, impl: str, cfg: Config):
         return weighted_sum(sparse_fwd(q, k, v, block_indices), w)
 
     def msa(q, k, v, index_q, index_k):
-        return msa_jax.sparse_attention(q, k, v, index_q, index_k, **selection)
+        return msa_jax.sparse_attention(q, k, v, index_q, index_k, **msa_options)
 
     def msa_fwd(q, k, v, index_q, index_k):
         return msa(q, k, v, index_q, index_k).out
@@ -297,7 +299,7 @@ def run_case(record: dict, base: dict, op: str, impl: str, settings: dict) -> No
         input_sets += [[arrays.get(name, base[name]) for name in names] for arrays in extra]
         record.update(input_sets=len(input_sets), input_bytes=set_bytes)
         t0 = time.perf_counter()
-        fn = jax.jit(op_function(op, impl, cfg)).lower(*input_sets[0]).compile()
+        fn = jax.jit(op_function(op, impl, cfg, settings["deterministic"])).lower(*input_sets[0]).compile()
         compile_s = time.perf_counter() - t0
         record.update(device_bytes=device_bytes(fn))
         _, times, calls_per_sample, limited = time_calls(
@@ -411,6 +413,8 @@ def parse_args(argv):
                         help="dense cases timed per N (the speedups' denominators); fewer for N where "
                              "dense attention takes minutes")
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--deterministic", action="store_true",
+                        help="pass deterministic=True to the MSA ops (bitwise-repeatable gradients)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--repeats", type=int, default=5, help="timed samples per case (median reported; see calls_per_sample)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls after the compiling one")
@@ -442,7 +446,8 @@ def main(argv=None) -> dict:
     dense_impl = "cudnn" if on_gpu else "xla"
     commit, dirty = git_state()
     settings = {
-        "batch": args.batch, "dtype": args.dtype, "repeats": args.repeats, "warmup": args.warmup,
+        "batch": args.batch, "dtype": args.dtype, "deterministic": args.deterministic,
+        "repeats": args.repeats, "warmup": args.warmup,
         "time_limit_s": args.time_limit, "rotate_below_bytes": ROTATE_BELOW, "rotation_sets": ROTATION_SETS,
         "min_sample_s": MIN_SAMPLE_S, "max_calls_per_sample": MAX_CALLS_PER_SAMPLE,
         "dense_impl": dense_impl,
