@@ -42,7 +42,9 @@ def latest_cases(runs) -> dict[tuple, tuple[Path, dict, dict]]:
     for path, run in sorted(runs, key=lambda item: item[1]["date"]):
         for case in run["cases"]:
             if case["status"] == "ok":
-                key = (run["device"], case["config"], case["n"], case["impl"], case["op"], case["baseline"])
+                # Runs with deterministic=True (bench.py --deterministic) are their own rows.
+                impl = case["impl"] + (" det." if run["settings"].get("deterministic") and not case["baseline"] else "")
+                key = (run["device"], case["config"], case["n"], impl, case["op"], case["baseline"])
                 latest[key] = (path, run, case)
     return latest
 
