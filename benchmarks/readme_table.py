@@ -85,9 +85,10 @@ def render(runs) -> str:
         return "\n".join(lines)
     for key in sorted(latest, key=_order):
         _, run, case = latest[key]
+        impl = key[3]  # "cuda det." for a deterministic run
         tflops = "-" if case["tflops"] is None else f"{case['tflops']:.3g}"
         speedup = "-" if case["speedup"] is None else f"{case['speedup']:.2f}x"
-        lines.append(f"| {run['device']} | {case['config']} | {n_label(case['n'])} | {case['impl']} | {case['op']} "
+        lines.append(f"| {run['device']} | {case['config']} | {n_label(case['n'])} | {impl} | {case['op']} "
                      f"| {case['median_s'] * 1e3:.2f} | {tflops} | {speedup} |")
     used = sorted({path: run for path, run, _ in latest.values()}.items(), key=lambda item: item[1]["date"])
     configs = {}
@@ -98,8 +99,9 @@ def render(runs) -> str:
                  + ". Sources:")
     for path, run in used:
         dirty = " (dirty tree)" if run["git_dirty"] else ""
+        det = ", deterministic=True" if run["settings"].get("deterministic") else ""
         lines.append(f"- `{path.name}`: {run['date']}, commit `{run['git_commit'][:12]}`{dirty}, "
-                     f"batch {run['settings']['batch']}, {run['settings']['dtype']}, jax {run['jax_version']}")
+                     f"batch {run['settings']['batch']}, {run['settings']['dtype']}{det}, jax {run['jax_version']}")
     return "\n".join(lines)
 
 
