@@ -80,8 +80,9 @@ class CudaImplementation(Implementation):
                 return f"head_dim D={call.head_dim} not in {_HEAD_DIMS}"
             if call.group_size > _STEP_ROWS:
                 return f"G={call.group_size} > {_STEP_ROWS} query heads per kv head"
-            # The backward and the KL run the Pallas kernels: they must serve the call too.
-            return self._pallas.supports(call)
+            # sparse_attention's KL runs the Pallas kernels: they must serve the call too.
+            if call.op == "sparse_attention":
+                return self._pallas.supports(call)
         return None
 
     def select_blocks(self, index_q, index_k, positions, cfg):

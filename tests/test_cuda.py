@@ -17,8 +17,8 @@ against the `xla` reference on the same inputs upcast to float32, over the CUDA 
 selections: T = S up to 64K, chunked prefill 8K against 128K, G 1, 2, 3, 4, 7, 8, 16, D 64
 and 128, bf16 and fp16, ragged rows with padding, decode; out within 1e-2 (relative norm),
 lse within 1e-3 * max(1, |lse|) with -inf where the reference has it. Then gradients
-(the Pallas backward behind cuda) and sparse_attention end to end, cosine >= 0.999, and a
-bitwise-repeatable forward.
+and sparse_attention end to end (the CUDA backward; its own tests: test_cuda_bwd.py),
+cosine >= 0.999, and a bitwise-repeatable forward.
 
 The conformance suite (marked `gpu`, TestCudaGPU): every test of tests/conformance.py with
 implementation="cuda" against the float64 oracle, on cases cuda serves (block 128, bf16)
@@ -98,7 +98,7 @@ def test_unsupported_shapes_have_reasons(monkeypatch):
     assert "block_size=64" in impl.supports(_call(config=dict(block_size=64), **gpu_call))
     assert "top_k=33" in impl.supports(_call(config=dict(top_k=33), **gpu_call))
     assert "packed documents" in impl.supports(_call(has_segments=True, **gpu_call))
-    # The attention forward's own limits (and the Pallas kernels' that serve its backward).
+    # The attention kernels' own limits (and, for sparse_attention, the Pallas KL kernels').
     for op in ("block_sparse_attention", "sparse_attention"):
         assert impl.supports(_call(op, **gpu_call)) is None
         assert impl.supports(_call(op, head_dim=64, dtype="float16", **gpu_call)) is None
@@ -275,8 +275,8 @@ def test_attention_forward_is_repeatable(rng):
 @pytest.mark.gpu
 @requires_gpu
 def test_attention_grads_and_sparse_attention_end_to_end(rng):
-    """Gradients through cuda (CUDA forward, Pallas backward) and sparse_attention with the
-    CUDA indexer, forward and KL, against the float32 reference."""
+    """Gradients through cuda (CUDA forward and backward) and sparse_attention with the
+    CUDA indexer, forward, backward and (Pallas) KL, against the float32 reference."""
     q, k, v, index_q, index_k, bi, kw = _attention_inputs(rng, (1, 4096, 4096, 16, 2, 128, "bfloat16", None, None))
     w = jnp.asarray(rng.standard_normal(q.shape, np.float32))
     up = lambda x: x.astype(jnp.float32)
