@@ -6,9 +6,9 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
-#include <limits>
 #include <string>
 
+#include "attention_call.h"
 #include "handlers.h"
 #include "msa/launch.h"
 #include "xla/ffi/api/ffi.h"
@@ -40,85 +40,23 @@ ffi::Error SparseAttentionPartials(cudaStream_t stream,
       v.element_type() != dtype || out_partial->element_type() != dtype) {
     return Invalid("q, k, v and out_partial must share one dtype, bfloat16 or float16");
   }
-  const auto qd = q.dimensions();
-  if (qd.size() != 4) return Invalid("q must be [B, T, Hq, D], got " + dims_str(qd));
-  const int64_t B = qd[0], T = qd[1], Hq = qd[2], D = qd[3];
-  const auto kd = k.dimensions();
-  if (kd.size() != 4 || kd[0] != B || kd[3] != D || !has_dims(v.dimensions(), {kd[0], kd[1], kd[2], kd[3]})) {
-    return Invalid("k and v must both be [B, S, Hkv, D] with q's B and D, got k " + dims_str(kd) + ", v " +
-                   dims_str(v.dimensions()));
+  AttentionCallSizes n;
+  if (ffi::Error err = CheckAttentionCall(kOp, attention_fwd_sm90_supports, q, k, v, last_visible, entry_query,
+                                          entry_slot, item_start, item_count, item_tile, q_base, top_k, block_size,
+                                          softmax_scale, n);
+      err.failure()) {
+    return err;
   }
-  const int64_t S = kd[1], Hkv = kd[2];
-  if (Hkv < 1 || Hq % Hkv != 0) {
-    return Invalid("Hq=" + std::to_string(Hq) + " is not a multiple of Hkv=" + std::to_string(Hkv));
-  }
-  if (!has_dims(last_visible.dimensions(), {B, T})) {
-    return Invalid("last_visible must be [B, T], got " + dims_str(last_visible.dimensions()));
-  }
-  const auto ed = entry_query.dimensions();
-  if (ed.size() != 3 || ed[0] != B || ed[1] != Hkv || !has_dims(entry_slot.dimensions(), {ed[0], ed[1], ed[2]})) {
-    return Invalid("entry_query and entry_slot must both be [B, Hkv, E], got " + dims_str(ed) + ", " +
-                   dims_str(entry_slot.dimensions()));
-  }
-  const int64_t E = ed[2];
-  const auto id = item_start.dimensions();
-  if (id.size() != 3 || id[0] != B || id[1] != Hkv || !has_dims(item_count.dimensions(), {id[0], id[1], id[2]}) ||
-      !has_dims(item_tile.dimensions(), {id[0], id[1], id[2]})) {
-    return Invalid("item_start, item_count and item_tile must all be [B, Hkv, I]");
-  }
-  const int64_t I = id[2];
-  if (top_k < 1 || E % top_k != 0) {
-    return Invalid("E=" + std::to_string(E) + " entries is not a multiple of top_k=" + std::to_string(top_k));
-  }
-  const int64_t chunk = E / top_k;
-  if (q_base < 0 || q_base + chunk > T) {
-    return Invalid("the chunk [" + std::to_string(q_base) + ", " + std::to_string(q_base + chunk) +
-                   ") does not lie within T=" + std::to_string(T) + " queries");
-  }
-  const int64_t R = chunk * top_k * Hq;
-  if (!has_dims(out_partial->dimensions(), {B, R, D}) || !has_dims(lse_partial->dimensions(), {B, R})) {
+  if (!has_dims(out_partial->dimensions(), {n.B, n.R, n.D}) || !has_dims(lse_partial->dimensions(), {n.B, n.R})) {
     return Invalid("out_partial must be [B, R, D] and lse_partial [B, R] with R = chunk * top_k * Hq = " +
-                   std::to_string(R) + ", got " + dims_str(out_partial->dimensions()) + ", " +
+                   std::to_string(n.R) + ", got " + dims_str(out_partial->dimensions()) + ", " +
                    dims_str(lse_partial->dimensions()));
   }
-  constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
-  if (B < 1 || T < 1 || S < 1 || I < 1 || chunk < 1 || B > 65535 || Hkv > 65535 || T > kMax || S > kMax ||
-      I > kMax || R > kMax || E > kMax || T * Hq > kMax) {
-    return Invalid("unsupported sizes B=" + std::to_string(B) + " T=" + std::to_string(T) + " S=" +
-                   std::to_string(S) + " items=" + std::to_string(I) + " partial rows=" + std::to_string(R) +
-                   " (each of B, Hkv at most 65535; T, S, items, partial rows and T * Hq below 2^31)");
-  }
-  const int64_t G = Hq / Hkv;
-  if (!attention_fwd_sm90_supports(static_cast<int>(D), block_size, static_cast<int>(G)) || !(softmax_scale > 0.0f)) {
-    return Invalid("unsupported D=" + std::to_string(D) + " block_size=" + std::to_string(block_size) + " G=" +
-                   std::to_string(G) + " softmax_scale=" + std::to_string(softmax_scale) +
-                   " (D 64 or 128, block 128, G 1..64, scale > 0)");
-  }
   AttentionFwdParams params;
-  params.q = q.untyped_data();
-  params.k = k.untyped_data();
-  params.v = v.untyped_data();
-  params.last_visible = last_visible.typed_data();
-  params.entry_query = entry_query.typed_data();
-  params.entry_slot = entry_slot.typed_data();
-  params.item_start = item_start.typed_data();
-  params.item_count = item_count.typed_data();
-  params.item_tile = item_tile.typed_data();
+  FillAttentionParams(params, n, q, k, v, last_visible, entry_query, entry_slot, item_start, item_count, item_tile,
+                      q_base, top_k, block_size, softmax_scale);
   params.out_partial = out_partial->untyped_data();
   params.lse_partial = lse_partial->typed_data();
-  params.batch = static_cast<int>(B);
-  params.q_len = static_cast<int>(T);
-  params.q_base = q_base;
-  params.kv_len = static_cast<int>(S);
-  params.num_q_heads = static_cast<int>(Hq);
-  params.num_kv_heads = static_cast<int>(Hkv);
-  params.head_dim = static_cast<int>(D);
-  params.block_size = block_size;
-  params.top_k = top_k;
-  params.num_entries = static_cast<int>(E);
-  params.num_items = static_cast<int>(I);
-  params.num_out_rows = static_cast<int>(R);
-  params.softmax_scale = softmax_scale;
   const ElementType element = dtype == ffi::DataType::BF16 ? ElementType::kBFloat16 : ElementType::kFloat16;
   return launch_error(kOp, launch_attention_fwd_sm90(params, element, stream));
 }

@@ -97,17 +97,8 @@ struct Config {
     uint64_t kv_full;         // mbarrier: K and V landed (TMA transaction bytes)
   };
 
-  // k, v [B, S, Hkv, D] seen as (S, D, Hkv, B).
-  CUTE_HOST_DEVICE static auto kv_shape(const AttentionBwdParams& p) {
-    return make_shape(p.kv_len, Int<kD>{}, p.num_kv_heads, p.batch);
-  }
-  static auto kv_tensor(const void* ptr, const AttentionBwdParams& p) {
-    return make_tensor(make_gmem_ptr(static_cast<const Element*>(ptr)), kv_shape(p),
-                       make_stride(int64_t(p.num_kv_heads) * kD, _1{}, int64_t(kD),
-                                   int64_t(p.kv_len) * p.num_kv_heads * kD));
-  }
   static auto make_tma(const void* ptr, const AttentionBwdParams& p) {
-    return make_tma_copy(SM90_TMA_LOAD{}, kv_tensor(ptr, p), SmemLayoutHalf{});
+    return make_tma_copy(SM90_TMA_LOAD{}, kv_tensor<kD, Element>(ptr, p), SmemLayoutHalf{});
   }
   using Tma = decltype(make_tma(nullptr, AttentionBwdParams{}));
 };
@@ -137,17 +128,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto& smem = *reinterpret_cast<typename Cfg::SharedStorage*>(smem_raw);
   const AttentionBwdParams& p = args.p;
 
-  const int item = blockIdx.x;
-  const int g = blockIdx.y;
-  const int b = blockIdx.z;
-  const int64_t item_index = (int64_t(b) * p.num_kv_heads + g) * p.num_items + item;
-  const int count = p.item_count[item_index];
-  const int start = p.item_start[item_index];
-  const int tile = p.item_tile[item_index];
-  if (!item_in_bounds(count, start, p.num_entries, tile, p.kv_len)) return;
-  const int group = p.num_q_heads / p.num_kv_heads;
-  const int tokens = kRows / group;  // query tokens per step
-  const int n_steps = (count + tokens - 1) / tokens;
+  WorkItem w;
+  if (!load_work_item(p, w)) return;
+  const int g = w.g, b = w.b, start = w.start, count = w.count, tile = w.tile;
+  const int group = w.group, n_steps = w.n_steps;
 
   const int warp_group = threadIdx.x / 128;
   const int warp = threadIdx.x / 32;
@@ -175,7 +159,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       CUTE_UNROLL
       for (int h = 0; h < 2; ++h) {
         auto half_of = [&](auto const& tma) {
-          Tensor m = tma.get_tma_tensor(Cfg::kv_shape(p));
+          Tensor m = tma.get_tma_tensor(kv_shape<kD>(p));
           return local_tile(m(_, _, g, b), Shape<Int<kHalf>, Int<kD>>{}, make_coord(tile / kHalf + h, 0));
         };
         auto tk = args.tma_k.get_slice(0);

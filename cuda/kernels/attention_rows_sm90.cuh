@@ -1,10 +1,13 @@
-// The work-list row mapping that the KV-outer attention kernels (forward and backward) share:
-// step c of a work item covers 64 matrix rows, 64 / G query tokens x G heads, and each row
-// derives its (query, slot, head) and its query's last visible key from global memory.
-// Templated on the kernel's parameter struct, which names the same fields in both.
+// What the KV-outer attention kernels (forward and backward) share: a CTA's work item, the
+// k / v view their TMA descriptors use, and the row mapping: step c of a work item covers 64
+// matrix rows, 64 / G query tokens x G heads, and each row derives its (query, slot, head)
+// and its query's last visible key from global memory. Templated on the kernel's parameter
+// struct, which names the same fields in both.
 #pragma once
 
 #include <cstdint>
+
+#include <cute/tensor.hpp>
 
 namespace msa::attention_sm90 {
 
@@ -55,13 +58,50 @@ __device__ __forceinline__ int row_last_visible(const Params& p, int b, RowEntry
   return e.query < 0 ? -1 : p.last_visible[int64_t(b) * p.q_len + p.q_base + e.query];
 }
 
-// The checks every kernel makes on its work item before touching memory: unused items (the
-// grid is a static upper bound) have count 0, and an item that would read past its entries
-// or name a tile outside the keys is skipped, so no content of the work list can send an
-// access out of bounds.
-__device__ __forceinline__ bool item_in_bounds(int count, int start, int num_entries, int tile, int kv_len) {
-  return count > 0 && start >= 0 && count <= num_entries - start && tile >= 0 && tile < kv_len &&
-         tile % kBlock == 0;
+// The work item of this CTA (grid: item, kv head, batch row) and what follows from it.
+struct WorkItem {
+  int g, b;          // kv head, batch row
+  int start, count;  // its entries in the (b, g) work list
+  int tile;          // first key of its tile
+  int group;         // G
+  int tokens;        // query tokens per 64-row step: 64 / G
+  int n_steps;
+};
+
+// Reads this CTA's work item. False for an item to skip: unused items (the grid is a static
+// upper bound) have count 0, and an item that would read past its entries or name a tile
+// outside the keys is skipped too, so no content of the work list can send an access out of
+// bounds.
+template <class Params>
+__device__ __forceinline__ bool load_work_item(const Params& p, WorkItem& w) {
+  const int item = blockIdx.x;
+  w.g = blockIdx.y;
+  w.b = blockIdx.z;
+  const int64_t at = (int64_t(w.b) * p.num_kv_heads + w.g) * p.num_items + item;
+  w.count = p.item_count[at];
+  w.start = p.item_start[at];
+  w.tile = p.item_tile[at];
+  if (w.count <= 0 || w.start < 0 || w.count > p.num_entries - w.start || w.tile < 0 || w.tile >= p.kv_len ||
+      w.tile % kBlock != 0) {
+    return false;
+  }
+  w.group = p.num_q_heads / p.num_kv_heads;
+  w.tokens = kRows / w.group;
+  w.n_steps = (w.count + w.tokens - 1) / w.tokens;
+  return true;
+}
+
+// k, v [B, S, Hkv, D] seen as (S, D, Hkv, B), the view their TMA descriptors are built on.
+template <int kD, class Params>
+CUTE_HOST_DEVICE auto kv_shape(const Params& p) {
+  return cute::make_shape(p.kv_len, cute::Int<kD>{}, p.num_kv_heads, p.batch);
+}
+
+template <int kD, class Element, class Params>
+auto kv_tensor(const void* ptr, const Params& p) {
+  return cute::make_tensor(cute::make_gmem_ptr(static_cast<const Element*>(ptr)), kv_shape<kD>(p),
+                           cute::make_stride(int64_t(p.num_kv_heads) * kD, cute::_1{}, int64_t(kD),
+                                             int64_t(p.kv_len) * p.num_kv_heads * kD));
 }
 
 __device__ __forceinline__ void cp_async_16(uint32_t smem_addr, const void* gmem) {
