@@ -1,5 +1,7 @@
-"""Paged caches: the suite against xla, FP8 storage and its error, the cache
+"""Paged caches: the suite against xla and pallas, FP8 storage and its error, the cache
 helpers, and the paged ops' input checks.
+
+Pallas runs in interpret mode on CPU, so its cases are the suite's small ones.
 """
 
 import numpy as np
@@ -16,6 +18,16 @@ from paged_conformance import PagedCase, PagedSuite, build, step
 
 class TestPagedXla(PagedSuite):
     implementation = "xla"
+
+
+class TestPagedPallas(PagedSuite):
+    implementation = "pallas"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (Triton lowering)")
+class TestPagedPallasGPU(PagedSuite):
+    implementation = "pallas"
 
 
 # ---- FP8 storage -------------------------------------------------------------------------
