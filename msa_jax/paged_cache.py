@@ -127,8 +127,9 @@ def paged_append(cache: PagedCache, k, v, index_k, *, num_new=None) -> PagedCach
 
     Args:
       cache: a `PagedCache`.
-      k, v: [B, T, Hkv, D]; index_k: [B, T, Di]; any float dtype (quantised to FP8 with a
-        scale per token and head where the pages are FP8, else cast to the pages' dtype).
+      k, v: [B, T, Hkv, D]; index_k: [B, T, Di], or None to leave the index pages as they are
+        (a layer without an index branch); any float dtype (quantised to FP8 with a scale per
+        token and head where the pages are FP8, else cast to the pages' dtype).
       num_new: None (all T) or int / int32 [B] in [0, T]: row b writes its first num_new[b]
         tokens (right-padded prompts of different lengths) at positions kv_length[b] + i.
 
@@ -158,7 +159,10 @@ def paged_append(cache: PagedCache, k, v, index_k, *, num_new=None) -> PagedCach
 
     k_pages, k_scale = put(cache.k_pages, cache.k_scale, k)
     v_pages, v_scale = put(cache.v_pages, cache.v_scale, v)
-    ik_pages, ik_scale = put(cache.index_k_pages, cache.index_k_scale, index_k)
+    if index_k is None:
+        ik_pages, ik_scale = cache.index_k_pages, cache.index_k_scale
+    else:
+        ik_pages, ik_scale = put(cache.index_k_pages, cache.index_k_scale, index_k)
     return PagedCache(k_pages, v_pages, ik_pages, cache.page_table, cache.kv_length + num_new,
                       k_scale, v_scale, ik_scale)
 

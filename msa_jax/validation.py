@@ -262,7 +262,7 @@ def check_page_table(page_table, kv_length, q_offset, *, B: int, T: int, num_pag
 
 def check_append(cache, k, v, index_k, num_new):
     """Arguments of `paged_cache.paged_append`; returns (k, v, index_k, num_new int32 [B])."""
-    k, v, index_k = as_array(k, "k"), as_array(v, "v"), as_array(index_k, "index_k")
+    k, v = as_array(k, "k"), as_array(v, "v")
     P, page, Hkv, D = cache.k_pages.shape
     B, max_pages = cache.page_table.shape
     check_rank(k, "k", 4, "[B, T, Hkv, D]")
@@ -271,9 +271,11 @@ def check_append(cache, k, v, index_k, num_new):
     _same("k", "shape", (B, T, Hkv, D), tuple(k.shape), "the cache ([B, T, Hkv, D])")
     _same("v", "shape", tuple(k.shape), tuple(v.shape), "k")
     check_floating(v, "v")
-    check_rank(index_k, "index_k", 3, "[B, T, Di]")
-    check_floating(index_k, "index_k")
-    _same("index_k", "shape", (B, T, cache.index_k_pages.shape[2]), tuple(index_k.shape), "the cache ([B, T, Di])")
+    if index_k is not None:  # None: the index pages stay as they are
+        index_k = as_array(index_k, "index_k")
+        check_rank(index_k, "index_k", 3, "[B, T, Di]")
+        check_floating(index_k, "index_k")
+        _same("index_k", "shape", (B, T, cache.index_k_pages.shape[2]), tuple(index_k.shape), "the cache ([B, T, Di])")
     num_new = _int_arg(num_new, "num_new", B, 0, T, "tokens of k written per row")
     num_new = jnp.broadcast_to(jnp.asarray(T if num_new is None else num_new, jnp.int32), (B,))
     start, count, table = concrete(cache.kv_length), concrete(num_new), concrete(cache.page_table)
