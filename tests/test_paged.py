@@ -30,6 +30,28 @@ class TestPagedPallasGPU(PagedSuite):
     implementation = "pallas"
 
 
+@pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 host devices (tests/conftest.py sets them)")
+def test_paged_step_sharded_over_batch_and_heads(rng):
+    """On an explicit 2 x 2 mesh (rows over "data", heads over "model", pages replicated over
+    "data") the step runs shard-locally and equals the one-device call, outputs sharded alike."""
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+    case = PagedCase(2, (70, 33, 50, 20), Hq=8, kv_fp8=True, dtype="bfloat16")
+    arrays, kw, _, _ = build(rng, case)
+    want = step(arrays, kw, case, "xla")
+    mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+    specs = dict(q=P("data", None, "model", None), index_q=P("data", None, "model", None),
+                 k_pages=P(None, None, "model", None), v_pages=P(None, None, "model", None),
+                 k_scale=P(None, None, "model"), v_scale=P(None, None, "model"), page_table=P("data", None),
+                 kv_length=P("data"))
+    with jax.set_mesh(mesh):
+        put = lambda name, x: jax.device_put(x, NamedSharding(mesh, specs[name])) if name in specs else x  # noqa: E731
+        got = step({n: put(n, x) for n, x in arrays.items()}, {n: put(n, x) for n, x in kw.items()}, case, "xla")
+    assert got.out.sharding.spec == P("data", None, "model", None)
+    np.testing.assert_array_equal(np.asarray(got.block_indices), np.asarray(want.block_indices))
+    np.testing.assert_array_equal(np.asarray(got.out, np.float32), np.asarray(want.out, np.float32))
+
+
 # ---- FP8 storage -------------------------------------------------------------------------
 
 
