@@ -51,7 +51,8 @@ def quantize(x, axis: int = -1):
     """
     x = x.astype(jnp.float32)
     amax = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
-    scale = jnp.where(amax > 0, amax / FP8_MAX, 1.0)
+    # tiny: an amax so small that amax / 448 underflows must not divide by zero.
+    scale = jnp.where(amax > 0, jnp.maximum(amax / FP8_MAX, jnp.finfo(jnp.float32).tiny), 1.0)
     # The division may round a hair above 448; clip so nothing converts to NaN (E4M3FN has no inf).
     values = jnp.clip(x / scale, -FP8_MAX, FP8_MAX).astype(FP8_DTYPE)
     return values, jnp.squeeze(scale, axis)

@@ -2,9 +2,8 @@
 
 A thin shell over `msa_jax.sparse_attention` (training, contiguous `KVCache`) and
 `msa_jax.paged_sparse_attention` (paged `PagedCache`, bf16 or FP8): it never computes
-attention itself. The
-index projections read `stop_gradient(x)`, so the KL loss trains them and nothing else
-(the spec's detach; the authors report divergence without it).
+attention itself. The index projections read `stop_gradient(x)`, so the KL loss trains
+them and nothing else (the spec's detach; the authors report divergence without it).
 """
 
 from __future__ import annotations

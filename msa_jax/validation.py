@@ -161,7 +161,6 @@ def check_implementation(implementation):
             raise ValueError(f"implementation must be one of {KNOWN}, got {name!r}")
 
 
-
 # ---- paged caches (spec, "Inference") ----------------------------------------------------
 
 _FP8 = jnp.dtype(jnp.float8_e4m3fn)
