@@ -83,10 +83,11 @@ def _fp8_problem(rng, B=2, T=4, lengths=(900, 620), Hq=8, Hkv=2, D=64, Di=64, pa
     k, v, ik = bf(B, S, Hkv, D), bf(B, S, Hkv, D), bf(B, S, Di)
     q, iq = bf(B, T, Hq, D), bf(B, T, Hkv, Di)
     caches = {}
+    append = jax.jit(msa_jax.paged_append)  # one compilation instead of many eager ones
     for name, dtype in (("bf16", jnp.bfloat16), ("fp8", jnp.float8_e4m3fn)):
         cache = msa_jax.init_paged_cache(table, num_pages=P, page_size=page, num_kv_heads=Hkv, head_dim=D,
                                          index_head_dim=Di, kv_dtype=dtype)
-        caches[name] = msa_jax.paged_append(cache, k, v, ik, num_new=np.asarray(lengths, np.int32))
+        caches[name] = append(cache, k, v, ik, num_new=jnp.asarray(lengths, jnp.int32))
     return q, iq, k, v, ik, caches
 
 
@@ -100,7 +101,7 @@ def test_fp8_attention_within_derived_bound(rng):
     Hkv, page = k.shape[2], 16
     c16, c8 = caches["bf16"], caches["fp8"]
     kw = dict(page_table=c16.page_table, kv_length=c16.kv_length, implementation="xla")
-    bi = msa_jax.paged_select_blocks(iq, c16.index_k_pages, top_k=8, **kw)
+    bi = jax.jit(lambda iq, ik: msa_jax.paged_select_blocks(iq, ik, top_k=8, **kw))(iq, c16.index_k_pages)
     attend = jax.jit(lambda k, v, ks, vs: msa_jax.paged_block_sparse_attention(
         q, k, v, bi, return_lse=True, k_scale=ks, v_scale=vs, **kw))
     o16, l16 = attend(c16.k_pages, c16.v_pages, None, None)
@@ -140,8 +141,9 @@ def test_fp8_selection_differs_only_at_near_ties(rng):
     page, K = 16, 8
     c16, c8 = caches["bf16"], caches["fp8"]
     kw = dict(page_table=c16.page_table, kv_length=c16.kv_length, top_k=K, implementation="xla")
-    b16 = np.asarray(msa_jax.paged_select_blocks(iq, c16.index_k_pages, **kw))
-    b8 = np.asarray(msa_jax.paged_select_blocks(iq, c8.index_k_pages, index_k_scale=c8.index_k_scale, **kw))
+    select = jax.jit(lambda ik, scale: msa_jax.paged_select_blocks(iq, ik, index_k_scale=scale, **kw))
+    b16 = np.asarray(select(c16.index_k_pages, None))
+    b8 = np.asarray(select(c8.index_k_pages, c8.index_k_scale))
     assert (b16[..., :K - 1] >= 0).all()  # every row chose K - 1 non-local blocks
     np.testing.assert_array_equal(b16[..., -1], b8[..., -1])  # the local block, always
     differ = np.array([[[set(b16[b, i, g]) != set(b8[b, i, g]) for g in range(Hkv)] for i in range(T)]
