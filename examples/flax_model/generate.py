@@ -15,7 +15,7 @@ token per call of a jitted decode step: sparse MSA selects top_k blocks per new 
 as in training. The caches are paged (msa_jax.PagedCache): each sequence has its own pages
 of block_size tokens, so prompts of different lengths (--prompt given several times) share
 one batch, each row decoding at its own position; --kv-dtype bf16 or fp8 (E4M3 with a
-scale per token and head) sets the pages' format. Both calls are jitted; the decode step
+scale per token and head) sets the pages' format (default: the model's compute dtype). Both calls are jitted; the decode step
 compiles once per (model structure, batch, pages, top_k); the temperature is traced.
 """
 
@@ -258,8 +258,9 @@ def main(argv=None):
     p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mode", choices=("sparse", "dense"), default="sparse")
-    p.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default="bf16",
-                   help="paged K/V and index-key caches: bf16, or fp8 (E4M3, one scale per token and head)")
+    p.add_argument("--kv-dtype", choices=sorted(KV_DTYPES),
+                   help="paged K/V and index-key caches: bf16, or fp8 (E4M3, one scale per token and head); "
+                        "default: the model's compute dtype")
     args = p.parse_args(argv)
 
     model, model_cfg, train_cfg = load(args.ckpt_dir, args.step)
@@ -292,7 +293,7 @@ def main(argv=None):
     lengths = ", ".join(str(len(p)) for p in prompts)
     print(f"[{args.max_new_tokens} tokens x {len(prompts)} in {seconds:.2f}s including compilation; prompt tokens "
           f"{lengths}; {args.mode} attention, top_k {model_cfg.top_k} x block {model_cfg.block_size}, paged "
-          f"{args.kv_dtype} caches]", file=sys.stderr)
+          f"{args.kv_dtype or 'model-dtype'} caches]", file=sys.stderr)
 
 
 if __name__ == "__main__":
