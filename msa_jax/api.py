@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from . import autodiff, dispatch, positions as pos_lib, validation
-from .config import CallInfo, MSAConfig, Positions
+from .config import CallInfo, IndexPages, KVPages, MSAConfig, Positions
 
 _sg = jax.lax.stop_gradient
 
@@ -340,3 +340,226 @@ def check_block_indices(
     if dup.any():
         fail(dup, "duplicate block id in one row")
     return block_indices
+
+
+# ---- paged caches: decode and chunked prefill (spec, "Inference") ------------------------
+#
+# Page size = block size, so block ids are logical page ids. The queries are the last T
+# tokens of each row (q_offset = kv_length - T unless given): append the new tokens'
+# k / v / index_k first (`msa_jax.paged_append`), then call these ops. Inference only: no
+# gradient flows through them (their inputs are wrapped in stop_gradient).
+
+_PAGES, _PSCALE, _IPAGES, _ISCALE, _TABLE = "PSHD", "PSH", "PSD", "PS", "BM"
+
+
+class PagedMSAOutput(NamedTuple):
+    """Result of `paged_sparse_attention`.
+
+    out: [B, T, Hq, D] in q's dtype.
+    block_indices: int32 [B, T, Hkv, top_k], the selection (logical page ids).
+    lse: float32 [B, T, Hq], natural-log normaliser of each row (-inf for padding rows).
+    """
+
+    out: jax.Array
+    block_indices: jax.Array
+    lse: jax.Array
+
+
+def _paged_positions(B, T, page_table, kv_length, q_offset, num_pages, page_size):
+    page_table, q_offset, kv_length = validation.check_page_table(
+        page_table, kv_length, q_offset, B=B, T=T, num_pages=num_pages, page_size=page_size
+    )
+    S = page_table.shape[1] * page_size
+    return page_table, pos_lib.canonicalize(q_offset, kv_length, None, batch=B, q_len=T, kv_len=S), S
+
+
+def _kv_pages_checked(q, k_pages, v_pages, k_scale, v_scale):
+    q, k_pages, v_pages = (validation.as_array(x, n) for x, n in ((q, "q"), (k_pages, "k_pages"), (v_pages, "v_pages")))
+    k_scale, v_scale = validation.check_kv_pages(q, k_pages, v_pages, k_scale, v_scale)
+    return q, k_pages, v_pages, k_scale, v_scale
+
+
+def paged_select_blocks(
+    index_q,
+    index_k_pages,
+    *,
+    page_table,
+    kv_length,
+    top_k: int = 16,
+    q_offset=None,
+    index_k_scale=None,
+    index_softmax_scale: float | None = None,
+    implementation=None,
+):
+    """The index branch over a paged index-key cache: int32 [B, T, Hkv, top_k].
+
+    Rows as `select_blocks` gives them for the contiguous keys the pages hold (chosen
+    non-local pages by descending max-pooled score, ties: smaller id; then the local page;
+    then -1; all -1 for padding rows), with logical page ids as block ids.
+
+    Args:
+      index_q: [B, T, Hkv, Di], one index query head per GQA group (the last T tokens).
+      index_k_pages: [P, page, Di] in index_q's dtype, or float8_e4m3fn with index_k_scale.
+      page_table: int32 [B, max_pages]; logical page j of row b is physical page
+        page_table[b, j]. Entries past a row's used pages are never read.
+      kv_length: int or int32 [B] in [0, max_pages * page]: tokens cached, the new ones included.
+      top_k: blocks (pages) kept per (query, group), the local one included.
+      q_offset: None (= kv_length - T), int or int32 [B]: position of query 0.
+      index_k_scale: float32 [P, page] for FP8 pages (`msa_jax.quantize_fp8`), else None.
+        Selection from FP8 keys is approximate: near-tied blocks may swap.
+      index_softmax_scale: None for 1/sqrt(Di).
+      implementation: as in `sparse_attention`.
+
+    Raises:
+      TypeError, ValueError: malformed arguments. NotImplementedError: no implementation serves.
+    """
+    index_q = validation.as_array(index_q, "index_q")
+    index_k_pages = validation.as_array(index_k_pages, "index_k_pages")
+    validation.check_rank(index_q, "index_q", 4, "[B, T, Hkv, Di]")
+    B, T, Hkv, Di = index_q.shape
+    scale = validation.check_index_pages(index_q, index_k_pages, index_k_scale, B=B, T=T, Hkv=None,
+                                         num_pages=None, page_size=None)
+    P, page = index_k_pages.shape[:2]
+    page_table, pos, S = _paged_positions(B, T, page_table, kv_length, q_offset, P, page)
+    validation.check_implementation(implementation)
+    cfg = MSAConfig(top_k=top_k, block_size=page, index_softmax_scale=index_softmax_scale)
+    platform = jax.default_backend()
+    call = CallInfo("paged_select_blocks", B, T, S, Hkv, Hkv, 1, Di, str(index_q.dtype), str(index_q.dtype), False,
+                    cfg, platform, None, str(index_k_pages.dtype))
+
+    def serve(impl):
+        def body(index_q, keys, scale, page_table, q_offset, kv_length):
+            pages = IndexPages(_sg(keys), None if scale is None else _sg(scale), page_table)
+            return (impl.paged_select_blocks(_sg(index_q), pages, Positions(q_offset, kv_length, None), cfg),)
+
+        args = (index_q, index_k_pages, scale, page_table, pos.q_offset, pos.kv_length)
+        return dispatch.shard_local(body, args, (_IQ, _IPAGES, _ISCALE, _TABLE, "B", "B"), (_BI,))[0]
+
+    return dispatch.run("paged_select_blocks", call, dispatch.resolve(implementation, platform), serve)
+
+
+def paged_block_sparse_attention(
+    q,
+    k_pages,
+    v_pages,
+    block_indices,
+    *,
+    page_table,
+    kv_length,
+    q_offset=None,
+    k_scale=None,
+    v_scale=None,
+    softmax_scale: float | None = None,
+    return_lse: bool = False,
+    implementation=None,
+):
+    """The main branch over a paged K/V cache: exact softmax attention over the selected pages.
+
+    Args:
+      q: [B, T, Hq, D] float, the last T tokens of each row (their k / v already appended).
+      k_pages, v_pages: [P, page, Hkv, D] in q's dtype, or float8_e4m3fn with k_scale /
+        v_scale float32 [P, page, Hkv] (one scale per token and head).
+      block_indices: int32 [B, T, Hkv, K], logical page ids; each row is a set, as in
+        `block_sparse_attention` (order free, -1 and ids outside [0, max_pages) ignored,
+        causality per key; duplicates violate the contract).
+      page_table, kv_length, q_offset: as in `paged_select_blocks`.
+      return_lse: also return lse float32 [B, T, Hq].
+
+    Returns:
+      out [B, T, Hq, D] in q's dtype, or (out, lse) if return_lse. No gradient.
+    """
+    q, k_pages, v_pages, k_scale, v_scale = _kv_pages_checked(q, k_pages, v_pages, k_scale, v_scale)
+    B, T, Hq, D = q.shape
+    P, page, Hkv, _ = k_pages.shape
+    block_indices = validation.check_block_indices_shape(block_indices, B=B, T=T, Hkv=Hkv)
+    page_table, pos, S = _paged_positions(B, T, page_table, kv_length, q_offset, P, page)
+    validation.check_implementation(implementation)
+    cfg = MSAConfig(block_size=page, softmax_scale=softmax_scale)
+    platform = jax.default_backend()
+    call = CallInfo("paged_block_sparse_attention", B, T, S, Hq, Hkv, D, None, str(q.dtype), None, False, cfg,
+                    platform, str(k_pages.dtype), None)
+
+    def serve(impl):
+        def body(q, k, v, ks, vs, page_table, bi, q_offset, kv_length):
+            pages = KVPages(_sg(k), _sg(v), *(None if s is None else _sg(s) for s in (ks, vs)), page_table)
+            return impl.paged_attention_fwd(_sg(q), pages, bi, Positions(q_offset, kv_length, None), cfg)
+
+        args = (q, k_pages, v_pages, k_scale, v_scale, page_table, block_indices, pos.q_offset, pos.kv_length)
+        layouts = (_Q, _PAGES, _PAGES, _PSCALE, _PSCALE, _TABLE, _BI, "B", "B")
+        return dispatch.shard_local(body, args, layouts, (_Q, "BTH"))
+
+    out, lse = dispatch.run("paged_block_sparse_attention", call, dispatch.resolve(implementation, platform), serve)
+    return (out, lse) if return_lse else out
+
+
+def paged_sparse_attention(
+    q,
+    k_pages,
+    v_pages,
+    index_q,
+    index_k_pages,
+    *,
+    page_table,
+    kv_length,
+    top_k: int = 16,
+    q_offset=None,
+    k_scale=None,
+    v_scale=None,
+    index_k_scale=None,
+    softmax_scale: float | None = None,
+    index_softmax_scale: float | None = None,
+    implementation=None,
+) -> PagedMSAOutput:
+    """One decode / chunked-prefill step of MSA over paged caches: selection, then attention.
+
+    The function is `sparse_attention`'s forward (no KL: inference) for the keys the caches
+    hold, with q_offset = kv_length - T by default: T = 1..16 new tokens per row for decode and
+    multi-token prediction, larger T for chunked prefill. Static shapes, no host
+    synchronisation: a decode loop of `paged_append` + this op runs inside one `jax.jit`
+    (`lax.fori_loop` / `while_loop`).
+
+    Args:
+      q: [B, T, Hq, D]; index_q: [B, T, Hkv, Di] (the new tokens' queries).
+      k_pages, v_pages, k_scale, v_scale: as in `paged_block_sparse_attention`.
+      index_k_pages, index_k_scale: as in `paged_select_blocks` (FP8 independently of K/V).
+      page_table, kv_length, q_offset, top_k, softmax_scale, index_softmax_scale,
+        implementation: as in `paged_select_blocks` / `sparse_attention`.
+
+    Returns:
+      PagedMSAOutput(out [B,T,Hq,D] in q's dtype, block_indices int32 [B,T,Hkv,top_k],
+      lse float32 [B,T,Hq]). Padding queries (position < 0 or >= kv_length): out 0, lse -inf,
+      rows of -1.
+
+    Raises:
+      TypeError, ValueError: malformed arguments. NotImplementedError: no implementation serves.
+    """
+    q, k_pages, v_pages, k_scale, v_scale = _kv_pages_checked(q, k_pages, v_pages, k_scale, v_scale)
+    index_q, index_k_pages = validation.as_array(index_q, "index_q"), validation.as_array(index_k_pages, "index_k_pages")
+    B, T, Hq, D = q.shape
+    P, page, Hkv, _ = k_pages.shape
+    index_k_scale = validation.check_index_pages(index_q, index_k_pages, index_k_scale, B=B, T=T, Hkv=Hkv,
+                                                 num_pages=P, page_size=page)
+    Di = index_q.shape[3]
+    page_table, pos, S = _paged_positions(B, T, page_table, kv_length, q_offset, P, page)
+    validation.check_implementation(implementation)
+    cfg = MSAConfig(top_k=top_k, block_size=page, softmax_scale=softmax_scale,
+                    index_softmax_scale=index_softmax_scale)
+    platform = jax.default_backend()
+    call = CallInfo("paged_sparse_attention", B, T, S, Hq, Hkv, D, Di, str(q.dtype), str(index_q.dtype), False, cfg,
+                    platform, str(k_pages.dtype), str(index_k_pages.dtype))
+
+    def serve(impl):
+        def body(q, k, v, ks, vs, index_q, ik, iks, page_table, q_offset, kv_length):
+            p = Positions(q_offset, kv_length, None)
+            sg = lambda x: None if x is None else _sg(x)  # noqa: E731
+            bi = impl.paged_select_blocks(_sg(index_q), IndexPages(_sg(ik), sg(iks), page_table), p, cfg)
+            out, lse = impl.paged_attention_fwd(_sg(q), KVPages(_sg(k), _sg(v), sg(ks), sg(vs), page_table), bi, p, cfg)
+            return out, lse, bi
+
+        args = (q, k_pages, v_pages, k_scale, v_scale, index_q, index_k_pages, index_k_scale, page_table,
+                pos.q_offset, pos.kv_length)
+        layouts = (_Q, _PAGES, _PAGES, _PSCALE, _PSCALE, _IQ, _IPAGES, _ISCALE, _TABLE, "B", "B")
+        return dispatch.shard_local(body, args, layouts, (_Q, "BTH", _BI))
+
+    out, lse, bi = dispatch.run("paged_sparse_attention", call, dispatch.resolve(implementation, platform), serve)
+    return PagedMSAOutput(out, bi, lse)

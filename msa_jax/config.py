@@ -81,6 +81,29 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+class KVPages(NamedTuple):
+    """A paged K/V cache as the paged ops pass it to implementations (validated).
+
+    k, v: [P, page, Hkv, D] (q's dtype or float8_e4m3fn); k_scale, v_scale: float32
+    [P, page, Hkv] for FP8 pages, else None; page_table: int32 [B, max_pages].
+    """
+
+    k: jax.Array
+    v: jax.Array
+    k_scale: jax.Array | None
+    v_scale: jax.Array | None
+    page_table: jax.Array
+
+
+class IndexPages(NamedTuple):
+    """A paged index-key cache: keys [P, page, Di], scale float32 [P, page] or None,
+    page_table int32 [B, max_pages]."""
+
+    keys: jax.Array
+    scale: jax.Array | None
+    page_table: jax.Array
+
+
 class Positions(NamedTuple):
     """Where each query and key sits (spec, "Positions"), canonicalised to arrays.
 
@@ -111,6 +134,10 @@ class CallInfo:
     has_segments: bool
     config: MSAConfig
     platform: str
+    # Paged ops only: the dtypes of the K/V pages and of the index-key pages (q's and
+    # index_q's dtype, or "float8_e4m3fn"); None for the contiguous ops.
+    kv_cache_dtype: str | None = None
+    index_cache_dtype: str | None = None
 
     @property
     def group_size(self) -> int:

@@ -57,6 +57,19 @@ class Implementation:
         """(d index_q, d index_k) for cotangent `dkl` of `kl_fwd`'s sum."""
         raise NotImplementedError
 
+    # Paged caches (spec, "Inference"): inference only, no backward. An implementation
+    # without them keeps these defaults, and the dispatcher falls through to the next one.
+
+    def paged_select_blocks(self, index_q, index_pages, positions, cfg):
+        """int32 [B, T, Hkv, top_k] rows of the spec over a `config.IndexPages` cache; block
+        ids are logical page ids."""
+        raise NotImplementedError(f"{self.name} has no paged select_blocks")
+
+    def paged_attention_fwd(self, q, kv_pages, block_indices, positions, cfg):
+        """(out [B, T, Hq, D] in q.dtype, lse float32 [B, T, Hq]) over a `config.KVPages`
+        cache; block_indices hold logical page ids."""
+        raise NotImplementedError(f"{self.name} has no paged block-sparse attention")
+
 
 _REGISTRY: dict[str, Implementation] = {}
 

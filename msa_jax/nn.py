@@ -1,8 +1,9 @@
-"""Flax NNX MSA-GQA attention layer: projections, RoPE, index branch, KV cache.
+"""Flax NNX MSA-GQA attention layer: projections, RoPE, index branch, KV caches.
 
-A thin shell over `msa_jax.sparse_attention`: it never computes attention itself. The
-index projections read `stop_gradient(x)`, so the KL loss trains them and nothing else
-(the spec's detach; the authors report divergence without it).
+A thin shell over `msa_jax.sparse_attention` (training, contiguous `KVCache`) and
+`msa_jax.paged_sparse_attention` (paged `PagedCache`, bf16 or FP8): it never computes
+attention itself. The index projections read `stop_gradient(x)`, so the KL loss trains
+them and nothing else (the spec's detach; the authors report divergence without it).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import numpy as np
 from flax import nnx
 
 from . import positions as pos_lib
-from .api import sparse_attention
+from .api import paged_sparse_attention, sparse_attention
 from .config import MODES
+from .paged_cache import PagedCache, gather_kv, init_paged_cache, paged_append
 
 
 ROPE_SCALING_TYPES = ("llama3",)
@@ -151,10 +153,23 @@ class KVCache(NamedTuple):
         )
 
 
+def init_paged_kv_cache(cfg: MSAAttentionConfig, page_table, *, num_pages: int, kv_dtype=jnp.bfloat16,
+                        index_dtype=None) -> PagedCache:
+    """An empty paged cache for one layer of this config: pages of cfg.block_size tokens.
+
+    page_table: int [B, max_pages], each row's own pages (`msa_jax.make_page_table`);
+    kv_dtype / index_dtype: the pages' dtypes (jnp.float8_e4m3fn: FP8 with per-token scales;
+    index_dtype None: kv_dtype). A dense layer (GQAAttention) leaves its index pages unused.
+    """
+    return init_paged_cache(page_table, num_pages=num_pages, page_size=cfg.block_size,
+                            num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                            index_head_dim=cfg.index_head_dim, kv_dtype=kv_dtype, index_dtype=index_dtype)
+
+
 class AttentionOutput(NamedTuple):
     out: jax.Array  # [B, T, d_model]
-    kl_loss: jax.Array  # float32 scalar, this layer's KL index-alignment loss
-    cache: KVCache | None  # the updated cache, when one was given
+    kl_loss: jax.Array  # float32 scalar, this layer's KL index-alignment loss (0 with a paged cache)
+    cache: KVCache | PagedCache | None  # the updated cache, when one was given
 
 
 def rope_frequencies(rotary_dim: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
@@ -221,11 +236,19 @@ class GQAAttention(nnx.Module):
         self.v_proj = lin(cfg.d_model, Hkv * D, cfg.qkv_bias)
         self.o_proj = lin(Hq * D, cfg.d_model, cfg.out_bias)
 
-    def _positions(self, x, segment_ids, cache):
+    def _positions(self, x, segment_ids, cache, num_new=None):
         B, T, _ = x.shape
         if cache is not None and segment_ids is not None:
             raise ValueError("segment_ids (packed training documents) cannot be combined with a KV cache")
-        start = jnp.zeros((B,), jnp.int32) if cache is None else cache.length
+        if num_new is not None and not isinstance(cache, PagedCache):
+            raise ValueError("num_new (tokens of x per row) needs a PagedCache; a KVCache row takes all T tokens")
+        if isinstance(cache, PagedCache) and cache.page_size != self.cfg.block_size:
+            # Page size = block size: the paged ops read block ids as logical page ids.
+            raise ValueError(f"PagedCache page size {cache.page_size} must equal block_size {self.cfg.block_size}")
+        if cache is None:
+            start = jnp.zeros((B,), jnp.int32)
+        else:
+            start = cache.kv_length if isinstance(cache, PagedCache) else cache.length
         pos = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
         if segment_ids is not None:  # RoPE positions restart at each packed document
             pos = pos - pos_lib.doc_starts(jnp.asarray(segment_ids, jnp.int32))
@@ -240,11 +263,11 @@ class GQAAttention(nnx.Module):
         v = self.v_proj(x).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
         return q, k, v
 
-    def __call__(self, x, *, segment_ids=None, cache: KVCache | None = None, mode: str | None = None,
-                 kl_coeff: float = 1.0) -> AttentionOutput:
+    def __call__(self, x, *, segment_ids=None, cache: KVCache | PagedCache | None = None, mode: str | None = None,
+                 kl_coeff: float = 1.0, num_new=None) -> AttentionOutput:
         del mode, kl_coeff  # always dense, no index branch
         B, T, _ = x.shape
-        start, pos = self._positions(x, segment_ids, cache)
+        start, pos = self._positions(x, segment_ids, cache, num_new)
         q, k, v = self._qkv(x, pos)
         if cache is None and segment_ids is None:
             # Plain causal self-attention: no explicit mask, so on GPU cuDNN's flash kernel
@@ -254,18 +277,22 @@ class GQAAttention(nnx.Module):
             return AttentionOutput(self.o_proj(out.reshape(B, T, -1)), jnp.zeros((), jnp.float32), None)
         # Causal on absolute token index; packed documents or the cache's length cut it further.
         q_abs = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+        length = None
         if cache is None:
             new_cache = None
+        elif isinstance(cache, PagedCache):
+            new_cache = paged_append(cache, k, v, None, num_new=num_new)  # no index branch here
+            (k, v), length = gather_kv(new_cache, q.dtype), new_cache.kv_length
         else:
             _check_room(cache, T)
             new_cache = cache._replace(
                 k=_write(cache.k, k, start), v=_write(cache.v, v, start), length=cache.length + T
             )
-            k, v = new_cache.k.astype(q.dtype), new_cache.v.astype(q.dtype)
+            k, v, length = new_cache.k.astype(q.dtype), new_cache.v.astype(q.dtype), new_cache.length
         k_abs = jnp.arange(k.shape[1], dtype=jnp.int32)[None, None, :]
         mask = k_abs <= q_abs[:, :, None]
-        if new_cache is not None:
-            mask &= k_abs < new_cache.length[:, None, None]
+        if length is not None:
+            mask &= k_abs < length[:, None, None]
         if segment_ids is not None:
             doc = pos_lib.doc_starts(jnp.asarray(segment_ids, jnp.int32))  # MSA's document rule
             mask &= doc[:, :, None] == doc[:, None, :]
@@ -279,8 +306,13 @@ class MSAAttention(GQAAttention):
     Call with x [B, T, d_model]; returns AttentionOutput(out, kl_loss, cache). Without a
     cache, x is the whole sequence (causal; `segment_ids` [B, T] for packed documents).
     With a cache, x holds the next T tokens of each row: their k/v/index_k are written at
-    `cache.length` and they attend to everything cached so far (prefill or decode).
+    the cache's length and they attend to everything cached so far (prefill or decode).
     `mode` overrides the config's ("dense" warm-up or "sparse") for this call.
+
+    A `PagedCache` (`init_paged_kv_cache`; pages of block_size tokens, bf16 or FP8) runs
+    `paged_sparse_attention` (inference: kl_loss 0); `num_new` (int32 [B], default T) then
+    says how many of x's tokens are real per row, so right-padded prompts of different
+    lengths prefill in one call (queries past a row's num_new are padding: output 0).
     """
 
     def __init__(self, cfg: MSAAttentionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
@@ -310,14 +342,17 @@ class MSAAttention(GQAAttention):
             iq, ik = rot(iq), rot(ik)
         return iq, ik[:, :, 0]
 
-    def __call__(self, x, *, segment_ids=None, cache: KVCache | None = None, mode: str | None = None,
-                 kl_coeff: float = 1.0) -> AttentionOutput:
+    def __call__(self, x, *, segment_ids=None, cache: KVCache | PagedCache | None = None, mode: str | None = None,
+                 kl_coeff: float = 1.0, num_new=None) -> AttentionOutput:
         cfg = self.cfg
         B, T, _ = x.shape
-        start, pos = self._positions(x, segment_ids, cache)
+        start, pos = self._positions(x, segment_ids, cache, num_new)
         q, k, v = self._qkv(x, pos)
         iq, ik = self._index(x, pos)
-        kw = dict(top_k=cfg.top_k, block_size=cfg.block_size, mode=mode or cfg.mode, kl_coeff=kl_coeff,
+        mode = mode or cfg.mode
+        if isinstance(cache, PagedCache):
+            return self._paged(q, k, v, iq, ik, start, cache, mode, num_new, x.dtype)
+        kw = dict(top_k=cfg.top_k, block_size=cfg.block_size, mode=mode, kl_coeff=kl_coeff,
                   implementation=cfg.implementation)
         if cache is None:
             res = sparse_attention(q, k, v, iq, ik, segment_ids=segment_ids, **kw)
@@ -334,3 +369,19 @@ class MSAAttention(GQAAttention):
             )
         out = self.o_proj(res.out.reshape(B, T, -1).astype(x.dtype))
         return AttentionOutput(out, res.kl_loss, new_cache)
+
+    def _paged(self, q, k, v, iq, ik, start, cache: PagedCache, mode: str, num_new, dtype):
+        """Appends the new tokens (the first num_new[b] of row b) and attends from them."""
+        cfg = self.cfg
+        B, T = q.shape[:2]
+        new = paged_append(cache, k, v, ik, num_new=num_new)
+        # The queries take the pages' dtype, except with FP8 pages (converted to the queries').
+        like = lambda x, pages: x if pages.dtype == jnp.float8_e4m3fn else x.astype(pages.dtype)  # noqa: E731
+        # Dense mode: every page is selected, which is dense causal attention (spec).
+        top_k = new.page_table.shape[1] if mode == "dense" else cfg.top_k
+        res = paged_sparse_attention(
+            like(q, new.k_pages), new.k_pages, new.v_pages, like(iq, new.index_k_pages), new.index_k_pages,
+            top_k=top_k, q_offset=start, implementation=cfg.implementation, **new.attention_args(),
+        )
+        out = self.o_proj(res.out.reshape(B, T, -1).astype(dtype))
+        return AttentionOutput(out, jnp.zeros((), jnp.float32), new)

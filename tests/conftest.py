@@ -17,6 +17,6 @@ def rng(request):
 
 def pytest_generate_tests(metafunc):
     """Conformance tests take their cases from the implementation's class (conformance.py)."""
-    for name, attr in (("case", "CASES"), ("grad_case", "GRAD_CASES")):
+    for name, attr in (("case", "CASES"), ("grad_case", "GRAD_CASES"), ("paged_case", "PAGED_CASES")):
         if name in metafunc.fixturenames and metafunc.cls is not None and hasattr(metafunc.cls, attr):
             metafunc.parametrize(name, getattr(metafunc.cls, attr), ids=str)

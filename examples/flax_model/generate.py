@@ -3,16 +3,20 @@
     python examples/flax_model/generate.py --ckpt-dir /tmp/msa_ckpt --prompt "def main(" --max-new-tokens 200
     python examples/flax_model/generate.py --ckpt-dir /tmp/msa_ckpt --prompt "import " --temperature 0.8 --top-k 40
     python examples/flax_model/generate.py --ckpt-dir /tmp/llama_msa --prompt-ids "128000 791 6864" --max-new-tokens 20
+    python examples/flax_model/generate.py --ckpt-dir /tmp/msa_ckpt --prompt "def " --prompt "import os" --kv-dtype fp8
 
 --ckpt-dir is either kind of directory the example writes (see `load`): a train.py
 --ckpt-dir, whose byte-level model takes text (--prompt) or ids, or a convert.py OUT_DIR,
 whose model speaks its HuggingFace tokenizer's ids: pass them with --prompt-ids (tokenize
 with the source model's tokenizer); the new ids are printed, space-separated.
 
-The prompt is prefilled in one call (its k/v/index_k written into the cache), then one
-token per call of a jitted decode step that reads the whole cache: sparse MSA selects
-top_k blocks per new token exactly as in training. Both calls are jitted; the decode step
-compiles once per (model structure, batch, cache length, top_k); the temperature is traced.
+The prompts are prefilled in one call (their k/v/index_k written into the caches), then one
+token per call of a jitted decode step: sparse MSA selects top_k blocks per new token exactly
+as in training. The caches are paged (msa_jax.PagedCache): each sequence has its own pages
+of block_size tokens, so prompts of different lengths (--prompt given several times) share
+one batch, each row decoding at its own position; --kv-dtype bf16 or fp8 (E4M3 with a
+scale per token and head) sets the pages' format (default: the model's compute dtype). Both calls are jitted; the decode step
+compiles once per (model structure, batch, pages, top_k); the temperature is traced.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ import convert as convert_lib  # noqa: E402
 import data  # noqa: E402
 import train as train_lib  # noqa: E402
 
+import msa_jax  # noqa: E402
+
 # Traces per jitted function ("prefill", "decode"): the decode step must trace once per setting.
 TRACES: collections.Counter = collections.Counter()
 
@@ -56,12 +62,19 @@ def sample(logits, rng, temperature, top_k: int | None):
     return jnp.where(temperature > 0, sampled, greedy)
 
 
+# --kv-dtype: the paged caches' storage.
+KV_DTYPES = {"bf16": jnp.bfloat16, "fp8": jnp.float8_e4m3fn}
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "mode", "top_k"))
-def _prefill(graphdef, state, tokens, caches, rng, temperature, *, mode, top_k):
-    """Writes the prompt [B, P] into the caches; returns (first new token [B], its logits [B, V], caches)."""
+def _prefill(graphdef, state, tokens, lengths, caches, rng, temperature, *, mode, top_k):
+    """Writes the right-padded prompts [B, P] (row b: its first lengths[b] tokens) into the
+    caches; returns (first new token [B], its logits [B, V], caches)."""
     TRACES["prefill"] += 1
-    out = nnx.merge(graphdef, state)(tokens, caches=caches, mode=mode)
-    return sample(out.logits[:, -1], rng, temperature, top_k), out.logits[:, -1], out.caches
+    paged = isinstance(caches[0], msa_jax.PagedCache)
+    out = nnx.merge(graphdef, state)(tokens, caches=caches, mode=mode, num_new=lengths if paged else None)
+    last = out.logits[jnp.arange(tokens.shape[0]), lengths - 1]  # each row's last prompt token
+    return sample(last, rng, temperature, top_k), last, out.caches
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mode", "top_k"), donate_argnames="caches")
@@ -74,20 +87,24 @@ def _decode(graphdef, state, token, caches, rng, temperature, *, mode, top_k):
 
 def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0, rng=None, *,
              top_k: int | None = None, mode: str = "sparse", cache_dtype=None, callback=None,
-             return_logits: bool = False):
-    """Continues the prompt by max_new_tokens tokens with the model's KV caches.
+             return_logits: bool = False, cache: str = "paged", kv_dtype: str | None = None):
+    """Continues the prompts by max_new_tokens tokens with the model's KV caches.
 
     Args:
       model: an `MSATransformer`.
-      prompt_tokens: int [P] or [B, P] (every row the same length P >= 1).
+      prompt_tokens: int [P] or [B, P], or a list of B int sequences of different lengths
+        (>= 1 each; paged caches only), each continued from its own end.
       max_new_tokens: tokens to generate (>= 1).
       temperature: 0 for greedy (argmax), else the sampling temperature.
       rng: a jax PRNG key; needed when temperature > 0.
       top_k: sample only among the top_k most likely tokens (None: all).
       mode: attention mode of the MSA layers ("sparse", or "dense" to compare).
-      cache_dtype: dtype of the caches; default the model's compute dtype.
+      cache_dtype: dtype of the caches when kv_dtype is None; default the model's compute dtype.
       callback: called with each new token batch, int32 numpy [B], as it is produced.
       return_logits: also return the logits each new token was drawn from.
+      cache: "paged" (msa_jax.PagedCache, each sequence its own pages) or "contiguous"
+        (one [B, max_len] buffer per layer, equal prompt lengths only).
+      kv_dtype: None (cache_dtype), "bf16" or "fp8" (FP8 E4M3 K/V and index-key pages; paged only).
 
     Returns:
       int32 numpy [B, max_new_tokens] (or [max_new_tokens] for a 1-D prompt); with
@@ -96,13 +113,17 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
 
     Raises:
       ValueError: for an empty prompt, max_new_tokens < 1, a negative temperature, top_k
-        out of [1, vocab_size], or temperature > 0 without rng.
+        out of [1, vocab_size], temperature > 0 without rng, an unknown cache or kv_dtype,
+        or ragged prompts / fp8 with the contiguous cache.
     """
-    prompt = np.asarray(prompt_tokens, np.int32)
-    squeeze = prompt.ndim == 1
-    prompt = prompt[None] if squeeze else prompt
-    if prompt.ndim != 2 or prompt.shape[1] < 1:
-        raise ValueError(f"prompt_tokens must be int [P] or [B, P] with P >= 1, got shape {np.shape(prompt_tokens)}")
+    if cache not in ("paged", "contiguous"):
+        raise ValueError(f"cache must be 'paged' or 'contiguous', got {cache!r}")
+    if kv_dtype is not None and kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_dtype must be None or one of {sorted(KV_DTYPES)}, got {kv_dtype!r}")
+    prompt, lengths, squeeze = _batch_prompts(prompt_tokens)
+    if cache == "contiguous" and (len(set(lengths.tolist())) > 1 or kv_dtype == "fp8"):
+        raise ValueError(f"the contiguous cache needs prompts of one length and no fp8, got lengths "
+                         f"{lengths.tolist()} and kv_dtype {kv_dtype!r}: use cache='paged'")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not temperature >= 0:
@@ -116,15 +137,21 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
     rng = jax.random.key(0) if rng is None else rng  # unused when greedy
     keys = jax.random.split(rng, max_new_tokens)
     B, P = prompt.shape
-    caches = model.init_caches(B, P + max_new_tokens, cache_dtype or model.embed.dtype)
+    dtype = KV_DTYPES[kv_dtype] if kv_dtype is not None else cache_dtype or model.embed.dtype
+    if cache == "paged":
+        # Each sequence gets its own pages for its prompt and the new tokens.
+        table, num_pages = msa_jax.make_page_table(lengths + max_new_tokens, model.cfg.block_size)
+        caches = model.init_paged_caches(table, num_pages, kv_dtype=dtype)
+    else:
+        caches = model.init_caches(B, P + max_new_tokens, dtype)
     graphdef, state = nnx.split(model)
     common = dict(graphdef=graphdef, mode=mode, top_k=top_k, temperature=temperature)
 
     out, logits = [], []
     for i in range(max_new_tokens):
         if i == 0:
-            token, last, caches = _prefill(state=state, tokens=jnp.asarray(prompt), caches=caches, rng=keys[0],
-                                           **common)
+            token, last, caches = _prefill(state=state, tokens=jnp.asarray(prompt), lengths=jnp.asarray(lengths),
+                                           caches=caches, rng=keys[0], **common)
         else:
             token, last, caches = _decode(state=state, token=token, caches=caches, rng=keys[i], **common)
         out.append(np.asarray(token))
@@ -137,6 +164,25 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
         return tokens[0] if squeeze else tokens
     logits = np.stack(logits, axis=1)
     return (tokens[0], logits[0]) if squeeze else (tokens, logits)
+
+
+def _batch_prompts(prompt_tokens) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(right-padded int32 [B, P], lengths int32 [B], whether the input was one 1-D prompt)."""
+    if isinstance(prompt_tokens, (list, tuple)) and prompt_tokens and all(np.ndim(p) == 1 for p in prompt_tokens):
+        rows = [np.asarray(p, np.int32) for p in prompt_tokens]
+        squeeze = False
+    else:
+        prompt = np.asarray(prompt_tokens, np.int32)
+        squeeze = prompt.ndim == 1
+        rows = list(prompt[None] if squeeze else prompt) if prompt.ndim in (1, 2) else None
+    if not rows or any(r.size < 1 for r in rows):
+        raise ValueError(f"prompt_tokens must be int [P] or [B, P] with P >= 1, or a list of non-empty "
+                         f"int sequences, got shape {np.shape(prompt_tokens)}")
+    lengths = np.array([r.size for r in rows], np.int32)
+    prompt = np.zeros((len(rows), lengths.max()), np.int32)
+    for b, r in enumerate(rows):
+        prompt[b, :r.size] = r
+    return prompt, lengths, squeeze
 
 
 def load(ckpt_dir: str, step: int | None = None):
@@ -172,62 +218,82 @@ def load(ckpt_dir: str, step: int | None = None):
     return model, model_cfg, train_cfg
 
 
-def _prompt(args, model_cfg, byte_vocab: bool) -> tuple[np.ndarray, str | None]:
-    """(prompt tokens int32 [P], the prompt text or None for ids) from --prompt / --prompt-ids."""
+def _prompt(args, model_cfg, byte_vocab: bool) -> tuple[list[np.ndarray], list[str] | None]:
+    """(prompts, each int32 [P_b], and their texts or None for ids) from --prompt / --prompt-ids."""
     if args.prompt is not None and args.prompt_ids is not None:
         raise ValueError("pass --prompt (text) or --prompt-ids (token ids), not both")
     if args.prompt_ids is not None:
-        try:
-            ids = np.asarray([int(t) for t in args.prompt_ids.replace(",", " ").split()], np.int32)
-        except ValueError:
-            raise ValueError(f"--prompt-ids: expected integers separated by spaces or commas, "
-                             f"got {args.prompt_ids!r}") from None
-        # nnx.Embed would clamp an out-of-range id to a wrong embedding without a word.
-        if ids.size and not ((ids >= 0) & (ids < model_cfg.vocab_size)).all():
-            raise ValueError(f"--prompt-ids: ids must lie in [0, vocab_size={model_cfg.vocab_size}), "
-                             f"got {ids.tolist()}")
-        return ids, None
+        prompts = []
+        for text in args.prompt_ids:
+            try:
+                ids = np.asarray([int(t) for t in text.replace(",", " ").split()], np.int32)
+            except ValueError:
+                raise ValueError(f"--prompt-ids: expected integers separated by spaces or commas, "
+                                 f"got {text!r}") from None
+            # nnx.Embed would clamp an out-of-range id to a wrong embedding without a word.
+            if ids.size and not ((ids >= 0) & (ids < model_cfg.vocab_size)).all():
+                raise ValueError(f"--prompt-ids: ids must lie in [0, vocab_size={model_cfg.vocab_size}), "
+                                 f"got {ids.tolist()}")
+            prompts.append(ids)
+        return prompts, None
     if not byte_vocab:
         # Byte tokens are valid ids of a HF vocabulary too: this would run and print noise.
         raise ValueError(f"{args.ckpt_dir} holds a converted model, whose vocabulary is its HuggingFace "
                          "tokenizer's, not bytes: pass --prompt-ids (ids from the source model's tokenizer)")
-    text = "def " if args.prompt is None else args.prompt
-    return data.encode(text), text
+    texts = ["def "] if args.prompt is None else args.prompt
+    return [data.encode(t) for t in texts], texts
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt-dir", required=True, help="a train.py --ckpt-dir or a convert.py OUT_DIR")
     p.add_argument("--step", type=int, help="train.py checkpoint step (default: the latest)")
-    p.add_argument("--prompt", help='text, as byte tokens (train.py models only; default "def ")')
-    p.add_argument("--prompt-ids", help="prompt token ids, space- or comma-separated; the new ids are printed")
+    p.add_argument("--prompt", action="append",
+                   help='text, as byte tokens (train.py models only; default "def "); repeat it for a batch of '
+                        "prompts of different lengths")
+    p.add_argument("--prompt-ids", action="append",
+                   help="prompt token ids, space- or comma-separated (repeatable); the new ids are printed")
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mode", choices=("sparse", "dense"), default="sparse")
+    p.add_argument("--kv-dtype", choices=sorted(KV_DTYPES),
+                   help="paged K/V and index-key caches: bf16, or fp8 (E4M3, one scale per token and head); "
+                        "default: the model's compute dtype")
     args = p.parse_args(argv)
 
     model, model_cfg, train_cfg = load(args.ckpt_dir, args.step)
-    prompt, text = _prompt(args, model_cfg, byte_vocab=train_cfg is not None)  # train.py models are byte-level
+    prompts, texts = _prompt(args, model_cfg, byte_vocab=train_cfg is not None)  # train.py models are byte-level
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    sys.stdout.write(text or "")
-    sys.stdout.flush()
+    stream = len(prompts) == 1  # one sequence streams as it is produced; a batch prints at the end
+    if stream:
+        sys.stdout.write(texts[0] if texts else "")
+        sys.stdout.flush()
 
     def show(token):
-        if text is None:
+        if texts is None:
             sys.stdout.write(f"{int(token[0])} ")
         else:
             sys.stdout.write(utf8.decode(bytes(int(t) for t in token if t < 256)))
         sys.stdout.flush()
 
     start = time.perf_counter()
-    generate(model, prompt, args.max_new_tokens, args.temperature, jax.random.key(args.seed), top_k=args.top_k,
-             mode=args.mode, callback=show)
+    new = generate(model, prompts, args.max_new_tokens, args.temperature, jax.random.key(args.seed), top_k=args.top_k,
+                   mode=args.mode, callback=show if stream else None, kv_dtype=args.kv_dtype)
     seconds = time.perf_counter() - start
-    sys.stdout.write(utf8.decode(b"", final=True) + "\n")
-    print(f"[{args.max_new_tokens} tokens in {seconds:.2f}s including compilation; prompt {len(prompt)} tokens; "
-          f"{args.mode} attention, top_k {model_cfg.top_k} x block {model_cfg.block_size}]", file=sys.stderr)
+    if stream:
+        sys.stdout.write(utf8.decode(b"", final=True) + "\n")
+    else:
+        for b, row in enumerate(new):
+            if texts is None:
+                print(f"[{b}] " + " ".join(str(int(t)) for t in row))
+            else:
+                print(f"[{b}] {texts[b]}" + bytes(int(t) for t in row if t < 256).decode("utf-8", errors="replace"))
+    lengths = ", ".join(str(len(p)) for p in prompts)
+    print(f"[{args.max_new_tokens} tokens x {len(prompts)} in {seconds:.2f}s including compilation; prompt tokens "
+          f"{lengths}; {args.mode} attention, top_k {model_cfg.top_k} x block {model_cfg.block_size}, paged "
+          f"{args.kv_dtype or 'model-dtype'} caches]", file=sys.stderr)
 
 
 if __name__ == "__main__":

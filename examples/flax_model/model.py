@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from msa_jax.nn import AttentionOutput, GQAAttention, KVCache, MSAAttention, MSAAttentionConfig, RopeScaling
+from msa_jax import PagedCache
+from msa_jax.nn import (AttentionOutput, GQAAttention, KVCache, MSAAttention, MSAAttentionConfig, RopeScaling,
+                        init_paged_kv_cache)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +81,7 @@ class ModelConfig:
 class ModelOutput(NamedTuple):
     logits: jax.Array  # [B, T, vocab] float32
     kl_losses: jax.Array  # float32 [num_layers]; 0 for dense layers
-    caches: tuple[KVCache, ...] | None
+    caches: tuple[KVCache, ...] | tuple[PagedCache, ...] | None
 
 
 class MLP(nnx.Module):
@@ -124,12 +126,20 @@ class MSATransformer(nnx.Module):
     def init_caches(self, batch: int, max_len: int, dtype=jnp.float32) -> tuple[KVCache, ...]:
         return tuple(KVCache.init(self.cfg.attention(), batch, max_len, dtype) for _ in range(self.cfg.num_layers))
 
-    def __call__(self, tokens, *, segment_ids=None, caches=None, mode: str | None = None) -> ModelOutput:
-        """tokens int [B, T]; mode "dense" (warm-up) or "sparse" overrides the MSA layers' mode."""
+    def init_paged_caches(self, page_table, num_pages: int, kv_dtype=jnp.bfloat16, index_dtype=None) -> tuple[PagedCache, ...]:
+        """One paged cache per layer over the same page table (pages of block_size tokens;
+        `msa_jax.make_page_table`); kv_dtype jnp.float8_e4m3fn for FP8 pages."""
+        return tuple(init_paged_kv_cache(self.cfg.attention(), page_table, num_pages=num_pages, kv_dtype=kv_dtype,
+                                         index_dtype=index_dtype) for _ in range(self.cfg.num_layers))
+
+    def __call__(self, tokens, *, segment_ids=None, caches=None, mode: str | None = None, num_new=None) -> ModelOutput:
+        """tokens int [B, T]; mode "dense" (warm-up) or "sparse" overrides the MSA layers' mode;
+        num_new int32 [B] (paged caches only): the real tokens of each right-padded row."""
         x = self.embed(tokens)
         kls, new_caches = [], []
+        extra = {} if num_new is None else {"num_new": num_new}
         for i, layer in enumerate(self.layers):
-            r = layer(x, segment_ids=segment_ids, cache=None if caches is None else caches[i], mode=mode)
+            r = layer(x, segment_ids=segment_ids, cache=None if caches is None else caches[i], mode=mode, **extra)
             x = r.out
             kls.append(r.kl_loss)
             new_caches.append(r.cache)

@@ -4,6 +4,12 @@ select_blocks: fused indexer with exp-free running top-k (indexer.py).
 attention: KV-outer forward with slot partials merged by log-sum-exp (attention_fwd.py);
   KV-outer deterministic backward (attention_bwd.py).
 KL: two KV-outer passes, student log-sum-exp then loss and gradients (kl.py).
+Paged caches: an index scan over the pages with fused top-k, split over the sequence, and
+  a merge of the partial lists (paged_indexer.py, any T); up to common.DECODE_MAX_Q queries
+  per row (decode, multi-token prediction), sparse decode attention with the G heads of a
+  group in one tile, split over the selected pages and merged by log-sum-exp
+  (paged_attention.py). Longer chunks (chunked prefill) gather K and V into the contiguous
+  layout (FP8 dequantised into q's dtype) and run the KV-outer forward above.
 On a machine without a GPU the same kernels run with `interpret=True`, so CPU users and
 CI exercise exactly the code a GPU runs.
 """
@@ -16,10 +22,18 @@ import jax.numpy as jnp
 
 from ..config import CallInfo
 from ..dispatch import Implementation
-from . import attention_bwd, attention_fwd, kl
-from . import indexer
+from .. import paged_cache
+from . import attention_bwd, attention_fwd, common, indexer, kl, paged_attention, paged_indexer
 
 _POW2 = (16, 32, 64, 128, 256)
+
+
+@functools.cache
+def _min_compute_capability() -> tuple[int, ...]:
+    import jax
+
+    kinds = [getattr(d, "compute_capability", "0.0") for d in jax.devices()]
+    return min(tuple(int(x) for x in str(kind).split(".")) for kind in kinds)
 
 
 def dense_indices(block_indices, kv_len: int, block_size: int):
@@ -38,7 +52,8 @@ class PallasImplementation(Implementation):
 
     def supports(self, call: CallInfo) -> str | None:
         # Triton tiles need power-of-two matrix dimensions of at least 16.
-        if call.op != "select_blocks" and call.head_dim not in _POW2:  # select_blocks has no main branch
+        # The selection ops have no main branch.
+        if call.op not in ("select_blocks", "paged_select_blocks") and call.head_dim not in _POW2:
             return f"head_dim D={call.head_dim} not in {_POW2}"
         if call.index_head_dim is not None and call.index_head_dim not in _POW2:
             return f"index head dim Di={call.index_head_dim} not in {_POW2}"
@@ -51,6 +66,10 @@ class PallasImplementation(Implementation):
         for dtype in (call.dtype, call.index_dtype):
             if dtype not in (None, "bfloat16", "float16", "float32"):
                 return f"dtype {dtype} (bf16, fp16, fp32 only)"
+        if "float8_e4m3fn" in (call.kv_cache_dtype, call.index_cache_dtype) and call.platform in ("gpu", "cuda"):
+            capability = _min_compute_capability()
+            if capability < (8, 9):  # Triton converts float8_e4m3fn (fp8e4nv) on sm_89 and later only
+                return f"FP8 pages need compute capability >= 8.9 (Ada, Hopper); the GPU has {capability}"
         return None
 
     def select_blocks(self, index_q, index_k, positions, cfg):
@@ -76,3 +95,15 @@ class PallasImplementation(Implementation):
 
     def kl_bwd(self, q, k, index_q, index_k, block_indices, lse, positions, cfg, dkl):
         return kl.kl_bwd(q, k, index_q, index_k, block_indices, lse, positions, cfg, dkl, interpret=self.interpret)
+
+    # ---- paged caches (inference) -------------------------------------------------------
+
+    def paged_select_blocks(self, index_q, pages, positions, cfg):
+        return paged_indexer.paged_select_blocks(index_q, pages, positions, cfg, interpret=self.interpret)
+
+    def paged_attention_fwd(self, q, pages, block_indices, positions, cfg):
+        if q.shape[1] > common.DECODE_MAX_Q:
+            gather = lambda x, s: paged_cache.gather(x, s, pages.page_table, positions.kv_length, q.dtype)  # noqa: E731
+            k, v = gather(pages.k, pages.k_scale), gather(pages.v, pages.v_scale)
+            return attention_fwd.attention_fwd(q, k, v, block_indices, positions, cfg, interpret=self.interpret)
+        return paged_attention.paged_attention_fwd(q, pages, block_indices, positions, cfg, interpret=self.interpret)

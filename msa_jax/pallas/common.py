@@ -77,3 +77,49 @@ def query_chunk(q_len: int, bytes_per_query: int) -> int:
     most = max(1, PARTIAL_BUDGET_BYTES // max(1, bytes_per_query))
     n_chunks = -(-q_len // most)
     return -(-q_len // n_chunks)
+
+
+# ---- paged decode kernels (paged_indexer.py, paged_attention.py) ----------------------------
+
+# Queries per row up to which the paged ops run the decode kernels (one program per query
+# and group in the attention; all T x Hkv rows in one index tile). Longer chunks (chunked
+# prefill) gather the pages and run the contiguous KV-outer kernels, which reuse each key
+# tile across the queries that select it.
+DECODE_MAX_Q = 16
+
+# Programs one decode kernel launch should have at least: about twice the SMs of an H100 /
+# H200 (132), so the memory-bound scans keep every SM busy at batch 1 with one wave to spare.
+TARGET_PROGRAMS = 256
+
+
+def paged_index_splits(programs: int, max_pages: int) -> tuple[int, int]:
+    """(splits, pages per split) of the paged index scan over `programs` (batch x row tiles)
+    programs: the sequence is split until programs x splits reaches TARGET_PROGRAMS (B 1 at 1M tokens, 8192 pages of 128: 256 splits of
+    32 pages; B 32 at 128K: 8 splits of 128 pages). More splits cost only the merge, which
+    sorts splits x (top_k - 1) candidates per row."""
+    splits = max(1, min(max_pages, -(-TARGET_PROGRAMS // programs)))
+    per_split = -(-max_pages // splits)
+    return -(-max_pages // per_split), per_split
+
+
+def paged_index_row_tile(rows: int) -> int:
+    """Query rows (tokens x groups) per program of the paged index scan: all of them up to 64
+    (decode: T x Hkv <= 16 x 4), padded to a power of two >= 16 for the matrix unit; tiles of
+    64, as the contiguous indexer's, beyond (its [64, page] score tile and 64 x 16 running
+    top-k fit one 4-warp program's registers)."""
+    return min(64, next_power_of_2(max(16, rows)))
+
+
+def paged_index_tiles(row_tile: int) -> Tiles:
+    """One page of keys per step; two stages keep the next page's load in flight while the
+    current page is scored (at decode sizes the scan is memory-bound)."""
+    return Tiles(block_q=row_tile, num_warps=4, num_stages=2)
+
+
+def paged_attention_splits(programs: int, top_k: int) -> tuple[int, int]:
+    """(splits, slots per split) of the sparse decode attention: a (query, group)'s top_k
+    selected pages are split until programs x splits reaches TARGET_PROGRAMS (B 1, Hkv 4:
+    16 splits of one page; B 32: 2 splits of 8); the partials merge by log-sum-exp."""
+    splits = max(1, min(top_k, -(-TARGET_PROGRAMS // programs)))
+    per_split = -(-top_k // splits)
+    return -(-top_k // per_split), per_split

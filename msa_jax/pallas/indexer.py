@@ -9,8 +9,8 @@ Document-relative block grids (packed documents) need not align with the key til
 row's block A = (t0 - doc) // Bk ends inside the tile starting at t0, and the keys after
 its end open block A + 1, whose partial max is carried to the next tile.
 
-Ties: blocks arrive in increasing id order, so a newcomer that only equals the current
-minimum loses (the smaller id wins), and among equal minima the largest id is evicted.
+Ties: blocks arrive in increasing id order (running_topk.py says why that gives the spec's
+order).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from jax.experimental import pallas as pl
 
 from ..config import MSAConfig, Positions
 from .. import positions as pos_lib
-from . import common
+from . import common, running_topk
 
 _NEG_INF = float("-inf")
 
@@ -44,9 +44,7 @@ def _indexer_kernel(iq_ref, ik_ref, lo_ref, hi_ref, doc_ref, local_ref, out_ref,
     lo, hi, doc, local = lo_ref[...], hi_ref[...], doc_ref[...], local_ref[...]
     slot = jnp.arange(slots, dtype=jnp.int32)[None, :]
     locked = slot >= keep
-    # Empty slots: score -inf and a distinct negative id, so "the evicted id" is unique.
-    scores0 = jnp.where(locked, jnp.inf, _NEG_INF) + jnp.zeros((bq, slots), jnp.float32)
-    ids0 = jnp.broadcast_to(-1 - slot, (bq, slots)).astype(jnp.int32)
+    scores0, ids0 = running_topk.empty(bq, slots, keep)
     pend0 = jnp.full((bq,), _NEG_INF, jnp.float32)
 
     active = local >= 0
@@ -58,11 +56,7 @@ def _indexer_kernel(iq_ref, ik_ref, lo_ref, hi_ref, doc_ref, local_ref, out_ref,
 
     def update(score_a, a, scores, ids):
         """Offers each row's block `a` with score `score_a` to its running top-(top_k - 1)."""
-        lowest = jnp.min(scores, axis=1)
-        evict = jnp.max(jnp.where(scores == lowest[:, None], ids, jnp.iinfo(jnp.int32).min), axis=1)
-        take = active & (a >= 0) & (a < local) & (score_a > lowest)
-        hit = take[:, None] & (ids == evict[:, None])
-        return jnp.where(hit, score_a[:, None], scores), jnp.where(hit, a[:, None], ids)
+        return running_topk.offer(scores, ids, score_a, a, active & (a >= 0) & (a < local))
 
     def scores_of(tile):
         ik = ik_ref[pl.ds(tile * bk, bk), :]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..config import CallInfo
 from ..dispatch import Implementation
-from . import attention, selection
+from . import attention, paged, selection
 
 
 class XlaImplementation(Implementation):
@@ -21,3 +21,5 @@ class XlaImplementation(Implementation):
     attention_bwd = staticmethod(attention.attention_bwd)
     kl_fwd = staticmethod(attention.kl_fwd)
     kl_bwd = staticmethod(attention.kl_bwd)
+    paged_select_blocks = staticmethod(paged.paged_select_blocks)
+    paged_attention_fwd = staticmethod(paged.paged_attention_fwd)

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from ..config import MSAConfig, Positions
+from ..topk import assemble_rows
 from . import chunking
 
 _HI = jax.lax.Precision.HIGHEST
@@ -56,13 +57,9 @@ def select_chunk(index_q_c, index_k, c: chunking.Coords, cfg: MSAConfig, packed:
         _, chosen = jax.lax.top_k(scores, width)
     else:
         chosen = jnp.zeros(scores.shape[:-1] + (0,), jnp.int32)
-    chosen = jnp.pad(chosen, [(0, 0)] * 3 + [(0, top_k - width)], constant_values=-1)
-
-    n = jnp.minimum(top_k - 1, local)[:, :, :, None]  # chosen non-local blocks
-    slot = jnp.arange(top_k, dtype=jnp.int32)
-    local_b = jnp.broadcast_to(local[:, :, :, None], chosen.shape)
-    row = jnp.where(slot < n, chosen, jnp.where(slot == n, local_b, -1))
-    return jnp.where(c.valid[:, :, None, None], row, -1).astype(jnp.int32)
+    rows_shape = chosen.shape[:3]  # [B, C, Hkv]
+    return assemble_rows(chosen, jnp.broadcast_to(local, rows_shape), jnp.broadcast_to(c.valid[:, :, None], rows_shape),
+                         top_k)
 
 
 def select_blocks(index_q, index_k, positions: Positions, cfg: MSAConfig):
