@@ -264,7 +264,7 @@ def index_kl_loss(
     q, k, _, index_q, index_k, cfg, pos, call, names = _prepare(
         "index_kl_loss", q, k, None, index_q, index_k, q_offset, kv_length, segment_ids, implementation,
         block_size=block_size, mode=mode, softmax_scale=softmax_scale,
-        index_softmax_scale=index_softmax_scale, kl_coeff=kl_coeff, deterministic=deterministic,
+        index_softmax_scale=index_softmax_scale, kl_coeff=kl_coeff,
     )
     block_indices = validation.check_block_indices_shape(block_indices, B=q.shape[0], T=q.shape[1], Hkv=k.shape[2])
 
