@@ -1,6 +1,6 @@
 """Splits the KV-outer sparse-attention forward's time into its stages, on a GPU.
 
-Stages (msa_jax/pallas/attention_fwd.py `chunked`, shared by pallas and cuda): the work
+Stages (msa_jax/kv_outer/partials.py `chunked`, shared by pallas and cuda): the work
 list (selection inverted by key tile, jnp), the partials kernel, the log-sum-exp combine,
 and the whole forward of the first query chunk. Each is jitted and timed alone on the
 same inputs, next to the bytes it must move at least.
@@ -27,7 +27,8 @@ from msa_jax import cuda as cuda_impl  # noqa: E402
 from msa_jax import positions as pos_lib  # noqa: E402
 from msa_jax.config import MSAConfig  # noqa: E402
 from msa_jax.ffi import ops  # noqa: E402
-from msa_jax.pallas import attention_fwd, common, worklist  # noqa: E402
+from msa_jax.kv_outer import partials as kv_partials, worklist  # noqa: E402
+from msa_jax.pallas import attention_fwd, common  # noqa: E402
 
 
 def median_ms(fn, args) -> float:
@@ -53,7 +54,7 @@ def main(argv=None):
         positions = pos_lib.canonicalize(None, None, None, batch=1, q_len=n, kv_len=n)
         qpos, doc, valid = pos_lib.query_coords(positions, n)
         hi = pos_lib.last_visible_key(positions, qpos, valid)
-        chunk = common.query_chunk(n, c.top_k * c.num_q_heads * (c.head_dim * 2 + 4))
+        chunk = kv_partials.query_chunk(n, c.top_k * c.num_q_heads * (c.head_dim * 2 + 4))
         per_slot = chunk * c.top_k * c.num_q_heads * c.head_dim * 2 / 1e9  # GB of one pass over the partials
         sl = (slice(None), slice(0, chunk))
         print(f"config {args.config} N={n} chunk={chunk} of {-(-n // chunk)} chunks", flush=True)
@@ -81,12 +82,12 @@ def main(argv=None):
 
             def first_chunk(q, k, v, bi):
                 o, lse, ok = partials(q, k, v, hi, 0, bi[sl], qpos[sl], doc[sl], valid[sl])
-                return attention_fwd.combine(o, lse, ok, c.num_kv_heads)
+                return kv_partials.combine(o, lse, ok, c.num_kv_heads)
 
             t_wl = median_ms(build, (bi,))
             o, lse, ok = jax.jit(lambda q, k, v, bi: partials(q, k, v, hi, 0, bi[sl], qpos[sl], doc[sl], valid[sl]))(
                 x["q"], kp, vp, bi)
-            t_combine = median_ms(lambda o, lse, ok: attention_fwd.combine(o, lse, ok, c.num_kv_heads), (o, lse, ok))
+            t_combine = median_ms(lambda o, lse, ok: kv_partials.combine(o, lse, ok, c.num_kv_heads), (o, lse, ok))
             del o, lse, ok
             t_first = median_ms(first_chunk, (x["q"], kp, vp, bi))
             name = impl if steps is None else f"{impl} ({steps} steps per item)"

@@ -7,7 +7,7 @@
 # Steps, in the order given; each writes its log under $OUT and a failing step does not stop
 # the later ones (the exit status is the number of failed steps):
 #   build          the CUDA extension for sm_90a into the device's Python (editable install)
-#   test-cuda      pytest -m gpu of the cuda implementation (forward, backward) and the extension loader
+#   test-cuda      pytest -m gpu of the cuda implementation (forward, backward, KL) and the extension loader
 #   test-wheel     the same tests (every test of both files, TEST_K to narrow them) against an
 #                  installed wheel instead of the build step's editable install: dist/msa_jax-*.whl,
 #                  built elsewhere in isolation (KEEP=dist .ci/wheel_check.sh, for the device's
@@ -18,6 +18,8 @@
 #   sanitize       compute-sanitizer memcheck and racecheck on a small case of each CUDA kernel
 #   bench-indexer  bench.py, config A, indexer only, cuda and pallas, 8K / 32K / 128K
 #   bench-A        bench.py, config A, every op, cuda and pallas (BENCH_IMPLS="cuda" for fewer), 8K / 32K / 128K
+#   bench-train    bench.py, config A, cuda, the training ops (sparse_fwd_bwd, msa_fwd_bwd_kl) against cuDNN's
+#                  dense fwd+bwd, 32K and 128K
 #   bench-B        the same for config B (BENCH_OPS="indexer sparse_fwd msa_fwd": forward ops only)
 #   breakdown      the forward's stages (work list, kernel, combine) at 32K and 128K, config A
 #                  (BREAKDOWN_IMPLS="cuda" for fewer; ITEM_STEPS="32 64" sweeps cuda's work-item length)
@@ -67,7 +69,12 @@ for det in (False, True):
         q, k, v, out[:, :, :, :4], block_size=128, q_offset=np.array([400, -50], np.int32),
         kv_length=np.array([700, 200], np.int32), deterministic=det, implementation="cuda").astype(jnp.float32))
     dq, dk, dv = jax.grad(loss, argnums=(0, 1, 2))(q, kv, kv)
-    print("backward", det, float(jnp.abs(dq.astype(jnp.float32)).sum()), float(jnp.abs(dk.astype(jnp.float32)).sum()))'
+    print("backward", det, float(jnp.abs(dq.astype(jnp.float32)).sum()), float(jnp.abs(dk.astype(jnp.float32)).sum()))
+    kl = lambda a, b: msa_jax.index_kl_loss(q, kv, a, b, out[:, :, :, :4], block_size=128,
+        q_offset=np.array([400, -50], np.int32), kv_length=np.array([700, 200], np.int32), deterministic=det,
+        implementation="cuda")
+    value, (diq, dik) = jax.value_and_grad(kl, argnums=(0, 1))(iq, ik)
+    print("kl", det, float(value), float(jnp.abs(diq.astype(jnp.float32)).sum()), float(jnp.abs(dik.astype(jnp.float32)).sum()))'
 
 # pytest of the installed wheel, from outside the checkout (a subshell: the cd stays inside).
 repo=$PWD
@@ -83,7 +90,7 @@ for step in "$@"; do
         python3 -m pip install --no-build-isolation --no-deps -e . ;;
     test-cuda)
       # TEST_K: a pytest -k expression to run fewer (e.g. "attention" after a forward-kernel change).
-      run test-cuda python3 -m pytest tests/test_cuda.py tests/test_cuda_bwd.py tests/test_ffi_loader.py -m gpu -v \
+      run test-cuda python3 -m pytest tests/test_cuda.py tests/test_cuda_bwd.py tests/test_cuda_kl.py tests/test_ffi_loader.py -m gpu -v \
         --durations=10 --maxfail=${MAXFAIL:-1000} \
         ${TEST_K:+-k "$TEST_K"} ;;
     test-wheel)
@@ -113,6 +120,9 @@ for step in "$@"; do
         run "$name" python3 examples/flax_model/train.py --preset gpu --steps 12 --warmup-steps 2 --log-every 1 \
           --attention $variant --metrics-out "$OUT/$name.json"
       done ;;
+    bench-train)
+      run bench-train python3 benchmarks/bench.py --config A --impl cuda --ops sparse_fwd_bwd msa_fwd_bwd_kl \
+        --n 32768 131072 --baselines dense_fwd_bwd --repeats 5 --warmup 2 --time-limit 60 --out "$OUT" ;;
     bench-1m)
       run bench-1m python3 benchmarks/bench.py --config A --impl cuda --ops indexer sparse_fwd msa_fwd \
         --n 1048576 --baselines dense_fwd --repeats 1 --warmup 0 --time-limit 45 --out "$OUT" ;;

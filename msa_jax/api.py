@@ -251,6 +251,7 @@ def index_kl_loss(
     softmax_scale: float | None = None,
     index_softmax_scale: float | None = None,
     kl_coeff: float = 1.0,
+    deterministic: bool = False,
     implementation=None,
 ):
     """The KL index-alignment loss alone: float32 scalar.
@@ -258,13 +259,14 @@ def index_kl_loss(
     kl_coeff / (Hkv * N) * sum over valid queries and groups of KL(P || R), where P is the
     group-mean attention of q over the support (block_indices, or every visible key in
     "dense" mode) and R the softmax of the index scores over the same support. Gradients
-    reach index_q and index_k only (q and k are the detached teacher).
+    reach index_q and index_k only (q and k are the detached teacher). deterministic: as in
+    `sparse_attention` (the cuda gradient adds with atomics unless it is set).
     """
     index_q = validation.as_array(index_q, "index_q")
     q, k, _, index_q, index_k, cfg, pos, call, names = _prepare(
         "index_kl_loss", q, k, None, index_q, index_k, q_offset, kv_length, segment_ids, implementation,
         block_size=block_size, mode=mode, softmax_scale=softmax_scale,
-        index_softmax_scale=index_softmax_scale, kl_coeff=kl_coeff,
+        index_softmax_scale=index_softmax_scale, kl_coeff=kl_coeff, deterministic=deterministic,
     )
     block_indices = validation.check_block_indices_shape(block_indices, B=q.shape[0], T=q.shape[1], Hkv=k.shape[2])
 

@@ -49,18 +49,19 @@ attention.defvjp(_attention_fwd, _attention_bwd)
 def kl_sum(impl, cfg: MSAConfig, q, k, index_q, index_k, block_indices, lse, q_offset, kv_length, segment_ids):
     """float32 scalar sum over valid (query, group) rows of KL(P || R); grads reach index_* only."""
     pos = Positions(q_offset, kv_length, segment_ids)
-    return impl.kl_fwd(q, k, index_q, index_k, block_indices, lse, pos, cfg)
+    return impl.kl_fwd(q, k, index_q, index_k, block_indices, lse, pos, cfg)[0]
 
 
 def _kl_fwd(impl, cfg, q, k, index_q, index_k, block_indices, lse, q_offset, kv_length, segment_ids):
-    value = kl_sum(impl, cfg, q, k, index_q, index_k, block_indices, lse, q_offset, kv_length, segment_ids)
-    return value, (q, k, index_q, index_k, block_indices, lse, q_offset, kv_length, segment_ids)
+    pos = Positions(q_offset, kv_length, segment_ids)
+    value, saved = impl.kl_fwd(q, k, index_q, index_k, block_indices, lse, pos, cfg)
+    return value, (q, k, index_q, index_k, block_indices, lse, q_offset, kv_length, segment_ids, saved)
 
 
 def _kl_bwd(impl, cfg, res, dkl):
-    q, k, index_q, index_k, block_indices, lse, q_offset, kv_length, segment_ids = res
+    q, k, index_q, index_k, block_indices, lse, q_offset, kv_length, segment_ids, saved = res
     pos = Positions(q_offset, kv_length, segment_ids)
-    d_iq, d_ik = impl.kl_bwd(q, k, index_q, index_k, block_indices, lse, pos, cfg, dkl)
+    d_iq, d_ik = impl.kl_bwd(q, k, index_q, index_k, block_indices, lse, pos, cfg, dkl, saved)
     # Under shard_map over heads, index_k (one head shared by all groups) is replicated
     # while its gradient was summed over the local groups only: add up the shards.
     d_ik = _sum_over_extra_axes(d_ik, index_k)

@@ -1,12 +1,10 @@
 """The `cuda` implementation: CUTLASS/CuTe kernels for Hopper (SM90) behind the XLA FFI.
 
 CUDA kernels: `select_blocks` (the fused indexer, cuda/kernels/indexer_sm90.cuh), the
-block-sparse attention forward (KV-outer slot partials, cuda/kernels/attention_fwd_sm90.cuh;
-the work list and the log-sum-exp combine are the Pallas implementation's jnp code) and its
-backward (KV-outer over the same work lists, cuda/kernels/attention_bwd_sm90.cuh). The KL
-loss and the KL teacher's lse have no CUDA kernel yet: this implementation runs the Pallas
-kernels for them, so `sparse_attention` works end to end.
-`index_kl_loss` alone is not served (it would be Pallas only): the dispatcher falls through.
+block-sparse attention forward (KV-outer slot partials, cuda/kernels/attention_fwd_sm90.cuh),
+its backward (cuda/kernels/attention_bwd_sm90.cuh) and the KL loss's value and gradient passes
+(cuda/kernels/kl_sm90.cuh), all KV-outer over the work lists of msa_jax/kv_outer, whose jnp
+code (shared with pallas) also merges their slot partials.
 """
 
 from __future__ import annotations
@@ -21,12 +19,11 @@ from . import positions as pos_lib
 from .config import CallInfo
 from .dispatch import Implementation
 from .ffi import ops
-from .pallas import PallasImplementation, dense_indices
-from .pallas import attention_fwd as kv_outer
-from .pallas import common, worklist
+from .kv_outer import partials as kv_partials, worklist
+from .kv_outer.worklist import dense_indices
 
 # Ops with a CUDA kernel in them; cuda/include/msa/launch.h and the handlers say the same.
-SERVED_OPS = ("select_blocks", "block_sparse_attention", "sparse_attention")
+SERVED_OPS = ("select_blocks", "block_sparse_attention", "sparse_attention", "index_kl_loss")
 _INDEX_HEAD_DIMS = (64, 128)
 _HEAD_DIMS = (64, 128)
 _DTYPES = ("bfloat16", "float16")
@@ -50,10 +47,6 @@ def _device_reason() -> str | None:
 class CudaImplementation(Implementation):
     name = "cuda"
 
-    def __init__(self):
-        # What has no CUDA kernel yet runs here (compiled Triton, never interpret mode).
-        self._pallas = PallasImplementation(interpret=False)
-
     def supports(self, call: CallInfo) -> str | None:
         if call.op not in SERVED_OPS:
             return f"no CUDA kernel for {call.op} yet (served: {', '.join(SERVED_OPS)})"
@@ -66,13 +59,13 @@ class CudaImplementation(Implementation):
             return f"block_size={call.config.block_size} (the kernels are built for {_BLOCK_SIZE})"
         if call.has_segments:
             return "packed documents (segment_ids) are not supported by the CUDA kernels"
-        if call.op in ("select_blocks", "sparse_attention"):
+        if call.op != "block_sparse_attention":
             if call.index_dtype != "bfloat16":
                 return f"index dtype {call.index_dtype} (bfloat16 only)"
             if call.index_head_dim not in _INDEX_HEAD_DIMS:
                 return f"index head dim Di={call.index_head_dim} not in {_INDEX_HEAD_DIMS}"
-            if call.config.top_k > _MAX_TOP_K:
-                return f"top_k={call.config.top_k} > {_MAX_TOP_K}"
+        if call.op in ("select_blocks", "sparse_attention") and call.config.top_k > _MAX_TOP_K:
+            return f"top_k={call.config.top_k} > {_MAX_TOP_K}"
         if call.op != "select_blocks":
             if call.dtype not in _DTYPES:
                 return f"dtype {call.dtype} not in {_DTYPES}"
@@ -80,9 +73,6 @@ class CudaImplementation(Implementation):
                 return f"head_dim D={call.head_dim} not in {_HEAD_DIMS}"
             if call.group_size > _STEP_ROWS:
                 return f"G={call.group_size} > {_STEP_ROWS} query heads per kv head"
-            # sparse_attention's KL runs the Pallas kernels: they must serve the call too.
-            if call.op == "sparse_attention":
-                return self._pallas.supports(call)
         return None
 
     def select_blocks(self, index_q, index_k, positions, cfg):
@@ -97,10 +87,12 @@ class CudaImplementation(Implementation):
         if cfg.dense:
             block_indices = dense_indices(block_indices, k.shape[1], cfg.block_size)
         partials = functools.partial(_partials, scale=cfg.scale(q.shape[-1]), block_size=cfg.block_size)
-        return kv_outer.chunked(q, k, v, block_indices, positions, partials)
+        return kv_partials.chunked(q, k, v, block_indices, positions, partials)
 
     def attention_lse(self, q, k, block_indices, positions, cfg):
-        return self._pallas.attention_lse(q, k, block_indices, positions, cfg)
+        # No lse-only kernel: the forward with k standing in for v, its output discarded
+        # (index_kl_loss alone; sparse_attention's KL takes the forward's own lse).
+        return self.attention_fwd(q, k, k, block_indices, positions, cfg)[1]
 
     def attention_bwd(self, q, k, v, block_indices, positions, cfg, out, lse, dout, dlse):
         ffi.register_targets()
@@ -110,10 +102,18 @@ class CudaImplementation(Implementation):
                          block_size=cfg.block_size, deterministic=cfg.deterministic)
 
     def kl_fwd(self, q, k, index_q, index_k, block_indices, lse, positions, cfg):
-        return self._pallas.kl_fwd(q, k, index_q, index_k, block_indices, lse, positions, cfg)
+        ffi.register_targets()
+        if cfg.dense:
+            block_indices = dense_indices(block_indices, k.shape[1], cfg.block_size)
+        value, ilse = _kl_value(q, k, index_q, index_k, block_indices, lse, positions, cfg)
+        return value, ilse  # the student's lse: the gradient pass needs it
 
-    def kl_bwd(self, q, k, index_q, index_k, block_indices, lse, positions, cfg, dkl):
-        return self._pallas.kl_bwd(q, k, index_q, index_k, block_indices, lse, positions, cfg, dkl)
+    def kl_bwd(self, q, k, index_q, index_k, block_indices, lse, positions, cfg, dkl, saved):
+        ffi.register_targets()
+        if cfg.dense:
+            block_indices = dense_indices(block_indices, k.shape[1], cfg.block_size)
+        d_iq, d_ik = _kl_grad(q, k, index_q, index_k, block_indices, lse, saved, positions, cfg)
+        return (d_iq * dkl).astype(index_q.dtype), (d_ik * dkl).astype(index_k.dtype)
 
 
 def item_rows(group: int, item_steps: int = _ITEM_STEPS) -> int:
@@ -123,7 +123,7 @@ def item_rows(group: int, item_steps: int = _ITEM_STEPS) -> int:
 
 def _partials(q, k, v, hi, c0: int, block_indices, qpos, doc, valid, *, scale: float, block_size: int,
               item_steps: int = _ITEM_STEPS):
-    """One query chunk's slot partials from the CUDA kernel, shaped as kv_outer.combine takes
+    """One query chunk's slot partials from the CUDA kernel, shaped as kv_partials.combine takes
     them: o [B, Tc, K, Hq, D], lse [B, Tc, K, Hq], ok [B, Tc, Hkv, K]. item_steps: the most
     64-row steps one CTA walks over its key tile (benchmarks/breakdown_fwd.py sweeps it)."""
     B, Tc, Hkv, K = block_indices.shape
@@ -160,7 +160,7 @@ def _backward(q, k, v, block_indices, positions, out, lse, dout, dlse, *, scale:
                               rows=item_rows(G), packed=False)
         dq, dk, dv = call(work, q_base=0)
         return dq.reshape(B, T, Hq, D).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
-    chunk = common.query_chunk(T, K * Hq * D * 4)
+    chunk = kv_partials.query_chunk(T, K * Hq * D * 4)
     dqs, dk, dv = [], 0.0, 0.0
     for c0 in range(0, T, chunk):
         sl = slice(c0, min(T, c0 + chunk))
@@ -173,3 +173,74 @@ def _backward(q, k, v, block_indices, positions, out, lse, dout, dlse, *, scale:
         dk, dv = dk + dk_c, dv + dv_c
     dq = jnp.concatenate(dqs, axis=1)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+def _kl_value(q, k, index_q, index_k, block_indices, lse, positions, cfg):
+    """(sum over valid (query, group) rows of KL(P || R), the student's ilse [B, T, Hkv]
+    (-inf where the support is empty)) from the CUDA value pass, chunk by chunk.
+
+    The pass writes per (entry, key half) the partials of u's log-sum-exp and of
+    sum P log P - P u and sum P; merged here: ilse by log-sum-exp over the row's slots and
+    halves, KL(row) = sum(P log P - P u) + ilse * sum P (as msa_jax/pallas/kl.py).
+    """
+    B, T, Hq, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    G, K = Hq // Hkv, block_indices.shape[3]
+    qpos, doc, valid = pos_lib.query_coords(positions, T)
+    hi = pos_lib.last_visible_key(positions, qpos, valid)
+    lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    chunk = kv_partials.query_chunk(T, K * Hkv * 2 * 4 * 4)
+    total, ilses = jnp.zeros((), jnp.float32), []
+    for c0 in range(0, T, chunk):
+        sl = slice(c0, min(T, c0 + chunk))
+        Tc = sl.stop - sl.start
+        work = worklist.build(block_indices[:, sl], qpos[:, sl], doc[:, sl], valid[:, sl], kv_len=S,
+                              block_size=cfg.block_size, rows=item_rows(G), packed=False)
+        part = ops.kl_partials(q, k, lse, index_q, index_k, hi, work, q_base=c0, top_k=K,
+                               block_size=cfg.block_size, softmax_scale=cfg.scale(D),
+                               index_softmax_scale=cfg.index_scale(index_q.shape[-1]))
+        part = jnp.moveaxis(part.reshape(B, Tc, K, Hkv, 2, 4), 3, 2).reshape(B, Tc, Hkv, 2 * K, 4)
+        ok = jnp.repeat(work.entry_ok, 2, axis=-1)  # [B, Tc, Hkv, 2K]: both halves of a slot
+        ilse = kv_partials.merge_lse(part[..., 0], part[..., 1], ok)
+        row_ok = jnp.isfinite(ilse)
+        kl_rows = (jnp.sum(jnp.where(ok, part[..., 2], 0.0), -1)
+                   + jnp.where(row_ok, ilse, 0.0) * jnp.sum(jnp.where(ok, part[..., 3], 0.0), -1))
+        total = total + jnp.sum(jnp.where(row_ok, kl_rows, 0.0))
+        ilses.append(ilse)
+    return total, jnp.concatenate(ilses, axis=1)
+
+
+def _kl_grad(q, k, index_q, index_k, block_indices, lse, ilse, positions, cfg):
+    """(d index_q, d index_k) float32 for dkl = 1 from the CUDA gradient pass.
+
+    Default: one call over all queries with atomic sums. cfg.deterministic: per query chunk,
+    one work item per key tile and d index_q as slot partials summed here, so every sum has a
+    fixed order (as `_backward`). d index_k comes per kv head and is summed here.
+    """
+    B, T, Hq, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    Di = index_q.shape[-1]
+    G, K = Hq // Hkv, block_indices.shape[3]
+    qpos, doc, valid = pos_lib.query_coords(positions, T)
+    hi = pos_lib.last_visible_key(positions, qpos, valid)
+    lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    ilse = jnp.where(jnp.isfinite(ilse), ilse, 0.0)
+    call = functools.partial(ops.kl_bwd, q, k, lse, index_q, index_k, ilse, hi, top_k=K, block_size=cfg.block_size,
+                             softmax_scale=cfg.scale(D), index_softmax_scale=cfg.index_scale(Di),
+                             deterministic=cfg.deterministic)
+    if not cfg.deterministic:
+        work = worklist.build(block_indices, qpos, doc, valid, kv_len=S, block_size=cfg.block_size,
+                              rows=item_rows(G), packed=False)
+        d_iq, d_ik = call(work, q_base=0)
+        return d_iq, jnp.sum(d_ik, axis=2)
+    chunk = kv_partials.query_chunk(T, K * Hkv * Di * 4)
+    d_iqs, d_ik = [], 0.0
+    for c0 in range(0, T, chunk):
+        sl = slice(c0, min(T, c0 + chunk))
+        Tc = sl.stop - sl.start
+        work = worklist.build(block_indices[:, sl], qpos[:, sl], doc[:, sl], valid[:, sl], kv_len=S,
+                              block_size=cfg.block_size, rows=Tc * K, packed=False)
+        d_iq_part, d_ik_c = call(work, q_base=c0)
+        d_iqs.append(jnp.sum(d_iq_part.reshape(B, Tc, K, Hkv, Di), axis=2))
+        d_ik = d_ik + d_ik_c
+    return jnp.concatenate(d_iqs, axis=1), jnp.sum(d_ik, axis=2)

@@ -50,11 +50,13 @@ class Implementation:
         raise NotImplementedError
 
     def kl_fwd(self, q, k, index_q, index_k, block_indices, lse, positions, cfg):
-        """float32 scalar: sum over valid (query, group) rows of KL(P || R), unnormalised."""
+        """(value, saved): value the float32 scalar sum over valid (query, group) rows of
+        KL(P || R), unnormalised; saved whatever the implementation's kl_bwd wants kept from
+        this pass (a pytree of arrays, or None)."""
         raise NotImplementedError
 
-    def kl_bwd(self, q, k, index_q, index_k, block_indices, lse, positions, cfg, dkl):
-        """(d index_q, d index_k) for cotangent `dkl` of `kl_fwd`'s sum."""
+    def kl_bwd(self, q, k, index_q, index_k, block_indices, lse, positions, cfg, dkl, saved):
+        """(d index_q, d index_k) for cotangent `dkl` of `kl_fwd`'s sum; `saved` as kl_fwd gave it."""
         raise NotImplementedError
 
     # Paged caches (spec, "Inference"): inference only, no backward. An implementation

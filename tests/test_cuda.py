@@ -23,7 +23,8 @@ cosine >= 0.999, and a bitwise-repeatable forward.
 The conformance suite (marked `gpu`, TestCudaGPU): every test of tests/conformance.py with
 implementation="cuda" against the float64 oracle, on cases cuda serves (block 128, bf16)
 and the fixed-shape tests at block 128 / bf16 / D = Di = 64; packed documents and
-index_kl_loss alone are checked to be refused with a reason.
+index_kl_loss alone runs the CUDA forward for its teacher's lse and the CUDA KL passes (their
+own tests: test_cuda_kl.py).
 """
 
 from __future__ import annotations
@@ -63,8 +64,8 @@ def _call(op="select_blocks", **overrides):
 def test_cuda_is_registered_and_explains_itself():
     impl = dispatch._REGISTRY["cuda"]
     assert isinstance(impl, cuda_impl.CudaImplementation)
-    assert "no CUDA kernel for index_kl_loss" in impl.supports(_call("index_kl_loss"))
-    for op in ("select_blocks", "sparse_attention", "block_sparse_attention"):
+    assert "no CUDA kernel for paged" in impl.supports(_call("paged_sparse_attention"))
+    for op in ("select_blocks", "sparse_attention", "block_sparse_attention", "index_kl_loss"):
         assert "no CUDA kernel" not in (impl.supports(_call(op)) or "")
     assert "needs a CUDA GPU" in impl.supports(_call(platform="cpu"))
 
@@ -98,8 +99,8 @@ def test_unsupported_shapes_have_reasons(monkeypatch):
     assert "block_size=64" in impl.supports(_call(config=dict(block_size=64), **gpu_call))
     assert "top_k=33" in impl.supports(_call(config=dict(top_k=33), **gpu_call))
     assert "packed documents" in impl.supports(_call(has_segments=True, **gpu_call))
-    # The attention kernels' own limits (and, for sparse_attention, the Pallas KL kernels').
-    for op in ("block_sparse_attention", "sparse_attention"):
+    # The attention and KL kernels' own limits.
+    for op in ("block_sparse_attention", "sparse_attention", "index_kl_loss"):
         assert impl.supports(_call(op, **gpu_call)) is None
         assert impl.supports(_call(op, head_dim=64, dtype="float16", **gpu_call)) is None
         assert "dtype float32" in impl.supports(_call(op, dtype="float32", **gpu_call))
@@ -276,7 +277,7 @@ def test_attention_forward_is_repeatable(rng):
 @requires_gpu
 def test_attention_grads_and_sparse_attention_end_to_end(rng):
     """Gradients through cuda (CUDA forward and backward) and sparse_attention with the
-    CUDA indexer, forward, backward and (Pallas) KL, against the float32 reference."""
+    CUDA indexer, forward, backward and KL, against the float32 reference."""
     q, k, v, index_q, index_k, bi, kw = _attention_inputs(rng, (1, 4096, 4096, 16, 2, 128, "bfloat16", None, None))
     w = jnp.asarray(rng.standard_normal(q.shape, np.float32))
     up = lambda x: x.astype(jnp.float32)
@@ -332,4 +333,3 @@ class TestCudaGPU(ConformanceSuite):
     fixed_dtype = "bfloat16"
     fixed_dim = 64
     serves_packed_documents = False
-    serves_index_kl_loss = False

@@ -13,7 +13,7 @@ import pytest
 
 import msa_jax
 from conformance import Case, ConformanceSuite, make_inputs, position_kwargs
-from msa_jax.pallas import common
+from msa_jax.kv_outer import partials as kv_partials
 
 SMALL_CASES = (
     Case(1, 64, 64, 2, 2, 16, 16, 16, 3, "float32"),
@@ -57,8 +57,8 @@ def test_query_chunks_equal_one_pass(rng, monkeypatch):
     jax.clear_caches()
     (_, one), grads_one = run(*xs.values())
     # 70 queries in chunks of 24, 24, 22 at the largest per-query footprint (the backward's).
-    monkeypatch.setattr(common, "PARTIAL_BUDGET_BYTES", 25 * case.top_k * case.Hq * case.D * 4)
-    assert common.query_chunk(case.T, case.top_k * case.Hq * case.D * 4) == 24
+    monkeypatch.setattr(kv_partials, "PARTIAL_BUDGET_BYTES", 25 * case.top_k * case.Hq * case.D * 4)
+    assert kv_partials.query_chunk(case.T, case.top_k * case.Hq * case.D * 4) == 24
     jax.clear_caches()
     (_, chunked), grads_chunked = run(*xs.values())
     jax.clear_caches()

@@ -1,6 +1,6 @@
-// What the two KV-outer attention handlers (forward partials, backward) share: the checks of
-// q, k, v, last_visible and the query chunk's work list that keep their kernels in bounds,
-// and the filling of the parameter fields both kernel families name alike.
+// What the KV-outer handlers (attention forward partials and backward, the KL passes) share:
+// the checks of q, k, v, last_visible and the query chunk's work list that keep their kernels
+// in bounds, and the filling of the parameter fields their kernel families name alike.
 #pragma once
 
 #include <cstdint>
@@ -83,20 +83,16 @@ inline xla::ffi::Error CheckAttentionCall(
   return xla::ffi::Error::Success();
 }
 
-// The fields AttentionFwdParams and AttentionBwdParams name alike (msa/params.h).
+// The sizes, positions and work list every KV-outer parameter struct (AttentionFwdParams,
+// AttentionBwdParams, KLParams) names alike.
 template <class Params>
-void FillAttentionParams(Params& p, const AttentionCallSizes& s, const xla::ffi::AnyBuffer& q,
-                         const xla::ffi::AnyBuffer& k, const xla::ffi::AnyBuffer& v,
-                         const xla::ffi::Buffer<xla::ffi::S32>& last_visible,
-                         const xla::ffi::Buffer<xla::ffi::S32>& entry_query,
-                         const xla::ffi::Buffer<xla::ffi::S32>& entry_slot,
-                         const xla::ffi::Buffer<xla::ffi::S32>& item_start,
-                         const xla::ffi::Buffer<xla::ffi::S32>& item_count,
-                         const xla::ffi::Buffer<xla::ffi::S32>& item_tile, int32_t q_base, int32_t top_k,
-                         int32_t block_size, float softmax_scale) {
-  p.q = q.untyped_data();
-  p.k = k.untyped_data();
-  p.v = v.untyped_data();
+void FillWorkParams(Params& p, const AttentionCallSizes& s, const xla::ffi::Buffer<xla::ffi::S32>& last_visible,
+                    const xla::ffi::Buffer<xla::ffi::S32>& entry_query,
+                    const xla::ffi::Buffer<xla::ffi::S32>& entry_slot,
+                    const xla::ffi::Buffer<xla::ffi::S32>& item_start,
+                    const xla::ffi::Buffer<xla::ffi::S32>& item_count,
+                    const xla::ffi::Buffer<xla::ffi::S32>& item_tile, int32_t q_base, int32_t top_k,
+                    int32_t block_size, float softmax_scale) {
   p.last_visible = last_visible.typed_data();
   p.entry_query = entry_query.typed_data();
   p.entry_slot = entry_slot.typed_data();
@@ -114,8 +110,26 @@ void FillAttentionParams(Params& p, const AttentionCallSizes& s, const xla::ffi:
   p.top_k = top_k;
   p.num_entries = static_cast<int>(s.E);
   p.num_items = static_cast<int>(s.I);
-  p.num_out_rows = static_cast<int>(s.R);
   p.softmax_scale = softmax_scale;
+}
+
+// The fields AttentionFwdParams and AttentionBwdParams name alike (msa/params.h).
+template <class Params>
+void FillAttentionParams(Params& p, const AttentionCallSizes& s, const xla::ffi::AnyBuffer& q,
+                         const xla::ffi::AnyBuffer& k, const xla::ffi::AnyBuffer& v,
+                         const xla::ffi::Buffer<xla::ffi::S32>& last_visible,
+                         const xla::ffi::Buffer<xla::ffi::S32>& entry_query,
+                         const xla::ffi::Buffer<xla::ffi::S32>& entry_slot,
+                         const xla::ffi::Buffer<xla::ffi::S32>& item_start,
+                         const xla::ffi::Buffer<xla::ffi::S32>& item_count,
+                         const xla::ffi::Buffer<xla::ffi::S32>& item_tile, int32_t q_base, int32_t top_k,
+                         int32_t block_size, float softmax_scale) {
+  p.q = q.untyped_data();
+  p.k = k.untyped_data();
+  p.v = v.untyped_data();
+  FillWorkParams(p, s, last_visible, entry_query, entry_slot, item_start, item_count, item_tile, q_base, top_k,
+                 block_size, softmax_scale);
+  p.num_out_rows = static_cast<int>(s.R);
 }
 
 }  // namespace msa

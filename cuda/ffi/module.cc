@@ -32,6 +32,8 @@ nb::dict Registrations() {
   targets["msa_select_blocks"] = EncapsulateFfiHandler(MsaSelectBlocks);
   targets["msa_sparse_attention_partials"] = EncapsulateFfiHandler(MsaSparseAttentionPartials);
   targets["msa_sparse_attention_bwd"] = EncapsulateFfiHandler(MsaSparseAttentionBwd);
+  targets["msa_kl_partials"] = EncapsulateFfiHandler(MsaKLPartials);
+  targets["msa_kl_bwd"] = EncapsulateFfiHandler(MsaKLBwd);
   return targets;
 }
 

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import functools
 
-import jax.numpy as jnp
-
 from ..config import CallInfo
 from ..dispatch import Implementation
+from ..kv_outer.worklist import dense_indices
 from .. import paged_cache
 from . import attention_bwd, attention_fwd, common, indexer, kl, paged_attention, paged_indexer
 
@@ -34,14 +33,6 @@ def _min_compute_capability() -> tuple[int, ...]:
 
     kinds = [getattr(d, "compute_capability", "0.0") for d in jax.devices()]
     return min(tuple(int(x) for x in str(kind).split(".")) for kind in kinds)
-
-
-def dense_indices(block_indices, kv_len: int, block_size: int):
-    """Dense warm-up: every block of the sequence (causality still applies per key). The
-    KV-outer forwards of pallas and cuda both serve mode="dense" with these rows."""
-    B, T, Hkv, _ = block_indices.shape
-    n = -(-kv_len // block_size)
-    return jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (B, T, Hkv, n))
 
 
 class PallasImplementation(Implementation):
@@ -91,9 +82,9 @@ class PallasImplementation(Implementation):
         return attention_bwd.attention_bwd(q, k, v, bi, positions, cfg, out, lse, dout, dlse, interpret=self.interpret)
 
     def kl_fwd(self, q, k, index_q, index_k, block_indices, lse, positions, cfg):
-        return kl.kl_fwd(q, k, index_q, index_k, block_indices, lse, positions, cfg, interpret=self.interpret)
+        return kl.kl_fwd(q, k, index_q, index_k, block_indices, lse, positions, cfg, interpret=self.interpret), None
 
-    def kl_bwd(self, q, k, index_q, index_k, block_indices, lse, positions, cfg, dkl):
+    def kl_bwd(self, q, k, index_q, index_k, block_indices, lse, positions, cfg, dkl, saved):
         return kl.kl_bwd(q, k, index_q, index_k, block_indices, lse, positions, cfg, dkl, interpret=self.interpret)
 
     # ---- paged caches (inference) -------------------------------------------------------

@@ -20,7 +20,8 @@ from jax.experimental import pallas as pl
 
 from .. import positions as pos_lib
 from ..config import MSAConfig, Positions
-from . import common, worklist
+from ..kv_outer import partials as kv_partials, worklist
+from . import common
 
 _NEG_INF = float("-inf")
 
@@ -102,7 +103,7 @@ def attention_bwd(q, k, v, block_indices, positions: Positions, cfg: MSAConfig, 
 
     dk = jnp.zeros((B, s_pad + 1, Hkv, D), jnp.float32)
     dv = jnp.zeros((B, s_pad + 1, Hkv, D), jnp.float32)
-    chunk = common.query_chunk(T, K * Hq * D * 4)
+    chunk = kv_partials.query_chunk(T, K * Hq * D * 4)
     dqs = []
     for c0 in range(0, T, chunk):
         sl = slice(c0, min(T, c0 + chunk))

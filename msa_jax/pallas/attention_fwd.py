@@ -5,8 +5,8 @@ of K and V) and gathers the rows of the queries that selected it: `rows` queries
 so the matrix unit sees rows * G rows however small G is; a program walks up to
 `item_steps` such row groups of the same tile, so K and V are loaded once per item. It
 writes, per (query, slot, head), a normalised partial output in q's dtype and its
-log-sum-exp in fp32; `combine` merges a query's partials by log-sum-exp. Queries are
-processed in chunks so the partial buffer stays bounded (common.PARTIAL_BUDGET_BYTES),
+log-sum-exp in fp32; `kv_outer.partials.combine` merges a query's partials by log-sum-exp. Queries are
+processed in chunks so the partial buffer stays bounded (kv_outer.partials.PARTIAL_BUDGET_BYTES),
 whatever T is.
 """
 
@@ -20,7 +20,8 @@ from jax.experimental import pallas as pl
 
 from .. import positions as pos_lib
 from ..config import MSAConfig, Positions
-from . import common, worklist
+from ..kv_outer import partials as kv_partials, worklist
+from . import common
 
 _NEG_INF = float("-inf")
 
@@ -127,26 +128,6 @@ def _partials(q, kp, vp, hi, c0: int, block_indices, qpos, doc, valid, *, cfg: M
     return o, results[-1][:, :n_out].reshape(shape), wl.entry_ok
 
 
-def combine(o, lse, ok, num_kv_heads: int):
-    """Merges each query's normalised slot partials by log-sum-exp: (out f32 [B,T,Hq,D], lse
-    [B,T,Hq]); out is None when o is."""
-    Hq = lse.shape[3]
-    ok = jnp.repeat(jnp.moveaxis(ok, 3, 2), Hq // num_kv_heads, axis=3)  # [B, T, K, Hq]
-    lse = jnp.where(ok, lse, _NEG_INF)
-    top = jnp.max(lse, axis=2)
-    nonempty = jnp.isfinite(top)
-    safe_top = jnp.where(nonempty, top, 0.0)
-    w = jnp.where(ok, jnp.exp(lse - safe_top[:, :, None]), 0.0)  # [B, T, K, Hq], max entry 1
-    total = jnp.sum(w, axis=2)
-    out = None
-    if o is not None:
-        # Slots no program wrote hold garbage (never initialised): select, do not multiply by 0.
-        out = jnp.sum(w[..., None] * jnp.where(ok[..., None], o.astype(jnp.float32), 0.0), axis=2)
-        out = jnp.where(nonempty[..., None], out / jnp.where(nonempty, total, 1.0)[..., None], 0.0)
-    lse = jnp.where(nonempty, safe_top + jnp.log(jnp.where(nonempty, total, 1.0)), _NEG_INF)
-    return out, lse
-
-
 def attention_fwd(q, k, v, block_indices, positions: Positions, cfg: MSAConfig, *, interpret: bool):
     """(out [B,T,Hq,D] in q.dtype, lse f32 [B,T,Hq]) over the selected blocks, chunk by chunk.
     v None: lse only (out None), with neither the P V product nor the partial outputs."""
@@ -154,34 +135,4 @@ def attention_fwd(q, k, v, block_indices, positions: Positions, cfg: MSAConfig, 
                                  interpret=interpret)
     kp = common.pad_keys(k, cfg.block_size)
     vp = None if v is None else common.pad_keys(v, cfg.block_size)
-    return chunked(q, kp, vp, block_indices, positions, partials)
-
-
-def chunked(q, k, v, block_indices, positions: Positions, partials):
-    """The KV-outer forward's driver, shared with the cuda implementation: per query chunk
-    (partial buffer within common.PARTIAL_BUDGET_BYTES), `partials(q, k, v, hi, c0,
-    block_indices, qpos, doc, valid)` of the chunk's rows -> (o, lse, ok) as `_partials`
-    returns them, merged by `combine`. k and v as `partials` wants them (padded or not);
-    v None: lse only."""
-    B, T, Hq, D = q.shape
-    K = block_indices.shape[3]
-    qpos, doc, valid = pos_lib.query_coords(positions, T)
-    hi = pos_lib.last_visible_key(positions, qpos, valid)
-    chunk = common.query_chunk(T, K * Hq * ((D * q.dtype.itemsize if v is not None else 0) + 4))
-    out = lse = None
-    for c0 in range(0, T, chunk):
-        sl = slice(c0, min(T, c0 + chunk))
-        o_part, lse_part, ok = partials(q, k, v, hi, c0, block_indices[:, sl], qpos[:, sl], doc[:, sl], valid[:, sl])
-        out_c, lse_c = combine(o_part, lse_part, ok, k.shape[2])
-        if chunk == T:
-            return None if v is None else out_c.astype(q.dtype), lse_c
-        # In-place updates of one buffer: a concatenation would copy every chunk once more.
-        lse = _place(lse, lse_c, c0, (B, T, Hq), jnp.float32)
-        if v is not None:
-            out = _place(out, out_c, c0, (B, T, Hq, D), q.dtype)
-    return out, lse
-
-
-def _place(buffer, chunk, c0: int, shape, dtype):
-    buffer = jnp.zeros(shape, dtype) if buffer is None else buffer
-    return jax.lax.dynamic_update_slice_in_dim(buffer, chunk.astype(dtype), c0, axis=1)
+    return kv_partials.chunked(q, kp, vp, block_indices, positions, partials)

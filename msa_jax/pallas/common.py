@@ -66,19 +66,6 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-# Bytes of slot partials one query chunk may hold (T*K*Hq*D*2 for all T would be tens of
-# GB at long context: 34 GB at 128K for config A).
-PARTIAL_BUDGET_BYTES = 5 << 30
-
-
-def query_chunk(q_len: int, bytes_per_query: int) -> int:
-    """Queries per chunk: the fewest chunks within the budget, all of (nearly) equal size, so
-    no small last chunk pays a whole chunk's fixed costs."""
-    most = max(1, PARTIAL_BUDGET_BYTES // max(1, bytes_per_query))
-    n_chunks = -(-q_len // most)
-    return -(-q_len // n_chunks)
-
-
 # ---- paged decode kernels (paged_indexer.py, paged_attention.py) ----------------------------
 
 # Queries per row up to which the paged ops run the decode kernels (one program per query

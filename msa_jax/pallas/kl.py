@@ -20,7 +20,8 @@ from jax.experimental import pallas as pl
 
 from .. import positions as pos_lib
 from ..config import MSAConfig, Positions
-from . import common, worklist
+from ..kv_outer import partials as kv_partials, worklist
+from . import common
 
 _NEG_INF = float("-inf")
 _HI = jax.lax.Precision.HIGHEST
@@ -117,15 +118,6 @@ def _kl_kernel(start_ref, count_ref, tile_ref, eq_ref, es_ref, q_ref, k_ref, lse
             dik_ref[jnp.where(t <= last, t, dummy_key), :] = dik
 
 
-def _merge(m, l, ok):
-    """log-sum-exp of per-slot partials (m, l) [..., K] where ok; -inf if none."""
-    m = jnp.where(ok, m, _NEG_INF)
-    top = jnp.max(m, axis=-1)
-    safe = jnp.where(jnp.isfinite(top), top, 0.0)
-    total = jnp.sum(jnp.where(ok, jnp.exp(m - safe[..., None]) * l, 0.0), axis=-1)
-    return jnp.where(total > 0, safe + jnp.log(jnp.where(total > 0, total, 1.0)), _NEG_INF)
-
-
 def _run(q, k, index_q, index_k, block_indices, lse, positions: Positions, cfg: MSAConfig, with_grad: bool, *,
          interpret: bool):
     """(kl_sum f32 scalar, d index_q f32, d index_k f32); the gradients are for dkl = 1 and
@@ -148,7 +140,7 @@ def _run(q, k, index_q, index_k, block_indices, lse, positions: Positions, cfg: 
     index_scale, index_precision = cfg.index_scale(Di), common.dot_precision(index_q.dtype)
     params = common.compiler_params(tiles)
 
-    chunk = common.query_chunk(T, K * Hkv * max(G * D, Di) * 4)
+    chunk = kv_partials.query_chunk(T, K * Hkv * max(G * D, Di) * 4)
     kl_total = jnp.zeros((), jnp.float32)
     # index_k is one head shared by all groups: each group's programs add into their own copy.
     diqs, dik = [], jnp.zeros((B, s_pad + 1, Hkv, Di), jnp.float32)
@@ -175,7 +167,7 @@ def _run(q, k, index_q, index_k, block_indices, lse, positions: Positions, cfg: 
             compiler_params=params, interpret=interpret, name="msa_kl_student_lse",
         )(wl.item_start, wl.item_count, wl.item_tile, wl.entry_query, wl.entry_slot, iq_c, ikp, hi[:, sl])
         ok = wl.entry_ok  # [B, Tc, Hkv, K]
-        ilse = _merge(unflat(m), unflat(l), ok)  # [B, Tc, Hkv]
+        ilse = kv_partials.merge_lse(unflat(m), unflat(l), ok)  # [B, Tc, Hkv]
 
         # Pass 2: one program per tile, all its queries in order.
         per_group_dik = pl.BlockSpec((None, s_pad + 1, None, Di), lambda b, g, i: (b, 0, g, 0))

@@ -7,7 +7,7 @@ query heads of the group read the same pages, so they form the rows of one matri
 selected page of K and V once through the page table, and keeps an online softmax over
 them. Decode rows have few programs (B x T x Hkv: 4 at batch 1, config A), so the top_k
 slots are split (common.paged_attention_splits) and each split writes a normalised
-float32 partial and its log-sum-exp; `attention_fwd.combine` merges them, as it merges the
+float32 partial and its log-sum-exp; `kv_outer.partials.combine` merges them, as it merges the
 KV-outer kernel's slot partials.
 
 Masking is by key, per token: a slot is skipped (-1, a repeat, an id past the table, or a
@@ -28,7 +28,8 @@ from jax.experimental import pallas as pl
 from .. import positions as pos_lib
 from .. import topk
 from ..config import KVPages, MSAConfig, Positions
-from . import attention_fwd, common
+from ..kv_outer import partials as kv_partials
+from . import common
 
 _NEG_INF = float("-inf")
 
@@ -126,5 +127,5 @@ def paged_attention_fwd(q, pages: KVPages, block_indices, positions: Positions, 
     o = o[:, :, :Hq].reshape(B, T, splits, Hq, D)
     lse = lse[:, :, :Hq].reshape(B, T, splits, Hq)
     # Every program wrote its partial (0 and -inf when it saw nothing): all take part.
-    out, lse = attention_fwd.combine(o, lse, jnp.ones((B, T, Hkv, splits), bool), Hkv)
+    out, lse = kv_partials.combine(o, lse, jnp.ones((B, T, Hkv, splits), bool), Hkv)
     return out.astype(q.dtype), lse

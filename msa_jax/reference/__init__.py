@@ -19,7 +19,11 @@ class XlaImplementation(Implementation):
     attention_fwd = staticmethod(attention.attention_fwd)
     attention_lse = staticmethod(attention.attention_lse)
     attention_bwd = staticmethod(attention.attention_bwd)
-    kl_fwd = staticmethod(attention.kl_fwd)
-    kl_bwd = staticmethod(attention.kl_bwd)
     paged_select_blocks = staticmethod(paged.paged_select_blocks)
     paged_attention_fwd = staticmethod(paged.paged_attention_fwd)
+
+    def kl_fwd(self, q, k, index_q, index_k, block_indices, lse, positions, cfg):
+        return attention.kl_fwd(q, k, index_q, index_k, block_indices, lse, positions, cfg), None
+
+    def kl_bwd(self, q, k, index_q, index_k, block_indices, lse, positions, cfg, dkl, saved):
+        return attention.kl_bwd(q, k, index_q, index_k, block_indices, lse, positions, cfg, dkl)

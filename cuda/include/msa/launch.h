@@ -23,4 +23,8 @@ cudaError_t launch_attention_fwd_sm90(const AttentionFwdParams& params, ElementT
 bool attention_bwd_sm90_supports(int head_dim, int block_size, int group);
 cudaError_t launch_attention_bwd_sm90(const AttentionBwdParams& params, ElementType dtype, cudaStream_t stream);
 
+// Which (D, Di, G) the SM90 KL passes are compiled for (kl_sm90.cuh); index tensors are bf16.
+bool kl_sm90_supports(int head_dim, int index_head_dim, int block_size, int group);
+cudaError_t launch_kl_sm90(const KLParams& params, ElementType dtype, cudaStream_t stream);
+
 }  // namespace msa

@@ -105,4 +105,53 @@ struct AttentionBwdParams {
   bool deterministic;
 };
 
+// The KL index-alignment loss over the sparse support (spec, "KL index-alignment loss"), KV-outer
+// over the forward's work lists. Inputs: q [B, q_len, Hq, D] and k [B, S, Hkv, D] (bf16 or
+// fp16), lse [B, q_len, Hq] f32 (the teacher's, finite for every row an entry names),
+// index_q [B, q_len, Hkv, Di] and index_k [B, S, Di] (bf16), last_visible [B, q_len], the work
+// list of the query chunk [q_base, q_base + num_entries / top_k). One entry is one
+// (query, slot) of kv head g: E = chunk * top_k, row e = query * top_k + slot.
+// Value pass (grad = false), written per entry and key half (plain stores, zeroed by the
+// caller), partial [B, E, Hkv, 2, 4] f32: (max u, sum exp(u - max), sum P log P - P u,
+// sum P) over the half's visible keys, P the group-mean teacher, u = si <index_q, index_k>.
+// Gradient pass (grad = true): ilse [B, q_len, Hkv] f32 (the student's log-sum-exp over the
+// whole support, finite for every live entry) and du = exp(u - ilse) - P (for dkl = 1):
+//   d_index_q: deterministic = false: [B, q_len, Hkv, Di] atomic sums over tiles;
+//              deterministic = true: [B, E, Hkv, Di] slot partials (two adds each, the halves);
+//   d_index_k: [B, S, Hkv, Di], each item adds its tile's keys (one term per kv head, summed
+//              over heads by the caller).
+struct KLParams {
+  const void* q;
+  const void* k;
+  const float* lse;
+  const void* index_q;
+  const void* index_k;
+  const float* ilse;
+  const int32_t* last_visible;
+  const int32_t* entry_query;
+  const int32_t* entry_slot;
+  const int32_t* item_start;
+  const int32_t* item_count;
+  const int32_t* item_tile;
+  float* partial;
+  float* d_index_q;
+  float* d_index_k;
+  int batch;           // B
+  int q_len;           // queries in q (all chunks)
+  int q_base;          // first query of this chunk
+  int kv_len;          // S
+  int num_q_heads;     // Hq
+  int num_kv_heads;    // Hkv
+  int head_dim;        // D
+  int index_head_dim;  // Di
+  int block_size;      // Bk
+  int top_k;           // K
+  int num_entries;     // chunk * K
+  int num_items;
+  float softmax_scale;        // s > 0
+  float index_softmax_scale;  // si > 0
+  bool grad;
+  bool deterministic;
+};
+
 }  // namespace msa

@@ -41,6 +41,14 @@ def max_items(q_len: int, kv_len: int, top_k: int, block_size: int, rows: int, p
     return -(-entries // rows) + min(tiles, entries)
 
 
+def dense_indices(block_indices, kv_len: int, block_size: int):
+    """Dense warm-up: every block of the sequence (causality still applies per key). The
+    KV-outer forwards of pallas and cuda both serve mode="dense" with these rows."""
+    B, T, Hkv, _ = block_indices.shape
+    n = -(-kv_len // block_size)
+    return jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (B, T, Hkv, n))
+
+
 def build(block_indices, qpos, doc, valid, *, kv_len: int, block_size: int, rows: int, packed: bool) -> WorkList:
     """block_indices [B, T, Hkv, K] and query coordinates (qpos, doc, valid) [B, T]."""
     B, T, Hkv, K = block_indices.shape

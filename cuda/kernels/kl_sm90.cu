@@ -1,0 +1,50 @@
+// Host entry of the SM90 KL passes: picks the instantiation for (D, Di, dtype, pass).
+#include "kl_sm90.cuh"
+#include "msa/launch.h"
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900 && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#error "sm_90 without the 'a' suffix: set MSA_JAX_CUDA_ARCHS=90a"
+#endif
+
+namespace msa {
+namespace kl_sm90 {
+#define MSA_KL_EXTERN(D, DI, E)                                                \
+  extern template cudaError_t launch<D, DI, E, false>(const KLParams&, cudaStream_t); \
+  extern template cudaError_t launch<D, DI, E, true>(const KLParams&, cudaStream_t);
+MSA_KL_EXTERN(64, 64, cutlass::bfloat16_t)
+MSA_KL_EXTERN(64, 64, cutlass::half_t)
+MSA_KL_EXTERN(64, 128, cutlass::bfloat16_t)
+MSA_KL_EXTERN(64, 128, cutlass::half_t)
+MSA_KL_EXTERN(128, 64, cutlass::bfloat16_t)
+MSA_KL_EXTERN(128, 64, cutlass::half_t)
+MSA_KL_EXTERN(128, 128, cutlass::bfloat16_t)
+MSA_KL_EXTERN(128, 128, cutlass::half_t)
+#undef MSA_KL_EXTERN
+
+template <int kD, int kDi, class Element>
+cudaError_t launch_pass(const KLParams& p, cudaStream_t stream) {
+  return p.grad ? launch<kD, kDi, Element, true>(p, stream) : launch<kD, kDi, Element, false>(p, stream);
+}
+
+template <class Element>
+cudaError_t launch_dtype(const KLParams& p, cudaStream_t stream) {
+  if (p.head_dim == 64) {
+    return p.index_head_dim == 64 ? launch_pass<64, 64, Element>(p, stream) : launch_pass<64, 128, Element>(p, stream);
+  }
+  return p.index_head_dim == 64 ? launch_pass<128, 64, Element>(p, stream) : launch_pass<128, 128, Element>(p, stream);
+}
+}  // namespace kl_sm90
+
+bool kl_sm90_supports(int head_dim, int index_head_dim, int block_size, int group) {
+  return (head_dim == 64 || head_dim == 128) && (index_head_dim == 64 || index_head_dim == 128) &&
+         block_size == attention_sm90::kBlock && group >= 1 && group <= attention_sm90::kRows;
+}
+
+cudaError_t launch_kl_sm90(const KLParams& p, ElementType dtype, cudaStream_t stream) {
+  const int group = p.num_kv_heads > 0 ? p.num_q_heads / p.num_kv_heads : 0;
+  if (!kl_sm90_supports(p.head_dim, p.index_head_dim, p.block_size, group)) return cudaErrorInvalidValue;
+  return dtype == ElementType::kBFloat16 ? kl_sm90::launch_dtype<cutlass::bfloat16_t>(p, stream)
+                                         : kl_sm90::launch_dtype<cutlass::half_t>(p, stream);
+}
+
+}  // namespace msa

@@ -1,0 +1,506 @@
+// The KL index-alignment loss over the sparse support for SM90 (spec, "KL index-alignment loss
+// and gradient detach"), KV-outer over the forward's work lists (msa_jax/pallas/worklist.py),
+// in two passes that share this kernel:
+//   value (kGrad = false): per (entry, key half) the partials (max u, sum exp(u - max),
+//     sum P log P - P u, sum P); msa_jax/cuda.py merges them into the student's ilse and the
+//     KL value (KL = sum(P log P - P u) + ilse * sum P, as msa_jax/pallas/kl.py);
+//   gradient (kGrad = true, given ilse): du = R - P with R = exp(u - ilse), then
+//     d index_q += si du Ki and d index_k += si duᵀ index_q.
+//
+// One CTA per work item: one 128-key tile of kv head g and up to `count` (query, slot)
+// entries that selected it. K and the tile's index keys are loaded once (TMA). A step covers
+// 64 matrix rows (64 / G query tokens x G heads) for the teacher and the same 64 / G tokens
+// as the first rows of a 64-row student tile:
+//   S = Q Kᵀ, P(row) = exp(s S - lse) (exact: lse is the row's over its whole support),
+//   U = IQ Kiᵀ (token rows), P̄(token) = mean of P over the token's G rows (through shared
+//   memory, fp32), then the value partials or du.
+// Roles as in the backward (attention_bwd_sm90.cuh): warpgroup 0 gathers q and index_q rows by
+// cp.async (warp w < kStages fills steps w, w + kStages, ...; lane 0 of warp 0 issues the
+// TMA); warpgroups 1 and 2 each own one 64-key half of the tile and take every step.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/numeric_conversion.h>
+#include <cutlass/numeric_types.h>
+
+#include "attention_rows_sm90.cuh"
+#include "msa/params.h"
+#include "sm90_common.cuh"
+
+namespace msa::kl_sm90 {
+
+using namespace cute;
+using namespace attention_sm90;
+
+constexpr int kHalf = kBlock / 2;  // keys per computing warpgroup
+constexpr int kStages = 3;         // (q, index_q) buffers of 64 rows; one gathering warp each
+constexpr int kThreads = 128 * 3;
+constexpr int kLoadRegisters = 40;
+constexpr int kComputeRegisters = 232;
+constexpr int kPStride = kHalf + 4;  // floats per row of the P buffer (padding against bank conflicts)
+
+using IndexElement = cutlass::bfloat16_t;
+
+template <int kD_, int kDi_, class Element_, bool kGrad_>
+struct Config {
+  static constexpr int kD = kD_;
+  static constexpr int kDi = kDi_;
+  static constexpr bool kGrad = kGrad_;
+  using Element = Element_;
+  static constexpr int kChunks = kD * sizeof(Element) / 16;        // 16-byte pieces of a q row
+  static constexpr int kIChunks = kDi * sizeof(IndexElement) / 16;  // ... of an index_q row
+  using SmemLayoutQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
+                                             Shape<Int<kRows>, Int<kD>, Int<kStages>>{}));
+  using SmemLayoutIQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<IndexElement>{},
+                                              Shape<Int<kRows>, Int<kDi>, Int<kStages>>{}));
+  // index_q rows as the B operand of d index_k = duᵀ IQ: (N = Di, K = token rows, stage).
+  using SmemLayoutIQt = decltype(composition(
+      SmemLayoutIQ{}, make_ordered_layout(Shape<Int<kDi>, Int<kRows>, Int<kStages>>{}, Step<_2, _1, _3>{})));
+  using SmemLayoutHalf = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
+                                                Shape<Int<kHalf>, Int<kD>>{}));
+  using SmemLayoutK = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
+                                             Shape<Int<kHalf>, Int<kD>, _2>{}));
+  using SmemLayoutIHalf = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<IndexElement>{},
+                                                 Shape<Int<kHalf>, Int<kDi>>{}));
+  using SmemLayoutIK = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<IndexElement>{},
+                                              Shape<Int<kHalf>, Int<kDi>, _2>{}));
+  // Index keys as the B operand of d index_q = du Ki: (N = Di, K = keys, half).
+  using SmemLayoutIKt = decltype(composition(
+      SmemLayoutIK{}, make_ordered_layout(Shape<Int<kDi>, Int<kHalf>, _2>{}, Step<_2, _1, _3>{})));
+  // duᵀ of one warpgroup: the A operand of d index_k, (M = keys, K = token rows), keys contiguous.
+  using SmemLayoutDUt = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<IndexElement>{},
+                                               Shape<Int<kHalf>, Int<kRows>>{}));
+
+  // S = Q Kᵀ over one half (m64 n64 k16, both operands from shared memory).
+  using MmaS = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<Int<kRows>, Int<kHalf>, Int<kD>>,
+                           GMMA::Major::K, GMMA::Major::K>()));
+  // U = IQ Kiᵀ over one half.
+  using MmaU = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<IndexElement, IndexElement, float, Shape<Int<kRows>, Int<kHalf>, Int<kDi>>,
+                           GMMA::Major::K, GMMA::Major::K>()));
+  // d index_q share = du Ki: du from registers, Ki read MN-major.
+  using MmaDIQ = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<IndexElement, IndexElement, float, Shape<Int<kRows>, Int<kDi>, Int<kHalf>>,
+                           GMMA::Major::K, GMMA::Major::MN>()));
+  // d index_k += duᵀ IQ: M = the half's keys, N = Di, K = the step's token rows.
+  using MmaDIK = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<IndexElement, IndexElement, float, Shape<Int<kHalf>, Int<kDi>, Int<kRows>>,
+                           GMMA::Major::MN, GMMA::Major::MN>()));
+  static constexpr uint32_t kTileBytes = kBlock * (kD * sizeof(Element) + kDi * sizeof(IndexElement));
+
+  struct SharedStorage {
+    array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> q;
+    array_aligned<IndexElement, cosize_v<SmemLayoutIQ>, 1024> iq;
+    array_aligned<Element, cosize_v<SmemLayoutK>, 1024> k;
+    array_aligned<IndexElement, cosize_v<SmemLayoutIK>, 1024> ik;
+    array_aligned<IndexElement, kGrad ? 2 * cosize_v<SmemLayoutDUt> : 8, 1024> du;  // one duᵀ per warpgroup
+    array_aligned<float, 2 * kRows * kPStride, 16> p;  // one P (rows x keys, fp32) per warpgroup
+    uint64_t full[kStages];   // mbarrier: stage gathered (1 arrival: the warp's lane 0)
+    uint64_t empty[kStages];  // mbarrier: stage read (256 arrivals: both computing warpgroups)
+    uint64_t tile_full;       // mbarrier: K and index keys landed (TMA transaction bytes)
+  };
+
+  static auto make_tma_k(const void* ptr, const KLParams& p) {
+    return make_tma_copy(SM90_TMA_LOAD{}, kv_tensor<kD, Element>(ptr, p), SmemLayoutHalf{});
+  }
+  // index_k [B, S, Di] seen as (S, Di, B).
+  static auto index_k_tensor(const void* ptr, const KLParams& p) {
+    return make_tensor(make_gmem_ptr(static_cast<const IndexElement*>(ptr)), make_shape(p.kv_len, Int<kDi>{}, p.batch),
+                       make_stride(int64_t(kDi), _1{}, int64_t(p.kv_len) * kDi));
+  }
+  static auto make_tma_ik(const void* ptr, const KLParams& p) {
+    return make_tma_copy(SM90_TMA_LOAD{}, index_k_tensor(ptr, p), SmemLayoutIHalf{});
+  }
+  using TmaK = decltype(make_tma_k(nullptr, KLParams{}));
+  using TmaIK = decltype(make_tma_ik(nullptr, KLParams{}));
+};
+
+template <class Cfg>
+struct KernelArgs {
+  KLParams p;
+  typename Cfg::TmaK tma_k;
+  typename Cfg::TmaIK tma_ik;
+};
+
+// Gathers the 64 rows of one stage, 16 bytes a lane at a time: row r comes from source row
+// src[r / 32] of lane r % 32 (-1: zero fill), `row_elems` elements per source row.
+template <int kChunks, class Tensor, class Element>
+__device__ __forceinline__ void gather_rows(Tensor&& stage, const Element* base, int row_elems, const int (&src)[2],
+                                            int lane) {
+  constexpr int kPieces = kRows * kChunks / 32;  // per lane
+  constexpr int kRowsPerPiece = 32 / kChunks;
+  static_assert(32 % kChunks == 0, "one gather instruction covers whole rows");
+  CUTE_UNROLL
+  for (int k = 0; k < kPieces; ++k) {
+    const int i = k * 32 + lane;
+    const int r = i / kChunks;
+    const int col = (i % kChunks) * (16 / sizeof(Element));
+    const int row = __shfl_sync(0xffffffff, src[(k * kRowsPerPiece) / 32], r % 32);
+    if (row >= 0) {
+      cp_async_16(cute::cast_smem_ptr_to_uint(&stage(r, col)), base + int64_t(row) * row_elems + col);
+    } else {
+      *reinterpret_cast<uint4*>(&stage(r, col)) = make_uint4(0, 0, 0, 0);
+    }
+  }
+}
+
+__device__ __forceinline__ void add_pair(float* out, float a, float b) {
+  atomicAdd(reinterpret_cast<float2*>(out), make_float2(a, b));
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffff, x, 1);
+  return x + __shfl_xor_sync(0xffffffff, x, 2);
+}
+
+template <class Cfg>
+__global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__ KernelArgs<Cfg> args) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Element = typename Cfg::Element;
+  constexpr int kD = Cfg::kD;
+  constexpr int kDi = Cfg::kDi;
+  extern __shared__ __align__(1024) char smem_raw[];
+  auto& smem = *reinterpret_cast<typename Cfg::SharedStorage*>(smem_raw);
+  const KLParams& p = args.p;
+
+  WorkItem w;
+  if (!load_work_item(p, w)) return;
+  const int g = w.g, b = w.b, start = w.start, count = w.count, tile = w.tile;
+  const int group = w.group, tokens = w.tokens, n_steps = w.n_steps;
+
+  const int warp_group = threadIdx.x / 128;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      cutlass::arch::ClusterBarrier::init(&smem.full[s], 1);
+      cutlass::arch::ClusterBarrier::init(&smem.empty[s], 256);
+    }
+    cutlass::arch::ClusterTransactionBarrier::init(&smem.tile_full, 1);
+  }
+  cutlass::arch::fence_barrier_init();
+  __syncthreads();
+
+  Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Cfg::SmemLayoutQ{});
+  Tensor sIQ = make_tensor(make_smem_ptr(smem.iq.data()), typename Cfg::SmemLayoutIQ{});
+  if (warp_group == 0) {
+    cutlass::arch::warpgroup_reg_dealloc<kLoadRegisters>();
+    if (warp == 0 && lane == 0) {
+      cute::prefetch_tma_descriptor(args.tma_k.get_tma_descriptor());
+      cute::prefetch_tma_descriptor(args.tma_ik.get_tma_descriptor());
+      Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Cfg::SmemLayoutK{});
+      Tensor sIK = make_tensor(make_smem_ptr(smem.ik.data()), typename Cfg::SmemLayoutIK{});
+      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.tile_full, Cfg::kTileBytes);
+      auto tk = args.tma_k.get_slice(0);
+      auto tik = args.tma_ik.get_slice(0);
+      Tensor mK = args.tma_k.get_tma_tensor(kv_shape<kD>(p));
+      Tensor mIK = args.tma_ik.get_tma_tensor(make_shape(p.kv_len, Int<kDi>{}, p.batch));
+      CUTE_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        Tensor gK = local_tile(mK(_, _, g, b), Shape<Int<kHalf>, Int<kD>>{}, make_coord(tile / kHalf + h, 0));
+        Tensor gIK = local_tile(mIK(_, _, b), Shape<Int<kHalf>, Int<kDi>>{}, make_coord(tile / kHalf + h, 0));
+        copy(args.tma_k.with(smem.tile_full), tk.partition_S(gK), tk.partition_D(sK(_, _, h)));
+        copy(args.tma_ik.with(smem.tile_full), tik.partition_S(gIK), tik.partition_D(sIK(_, _, h)));
+      }
+    }
+    if (warp >= kStages) return;
+    const Element* q = static_cast<const Element*>(p.q) + int64_t(b) * p.q_len * p.num_q_heads * kD;
+    const IndexElement* iq =
+        static_cast<const IndexElement*>(p.index_q) + int64_t(b) * p.q_len * p.num_kv_heads * kDi;
+    // Step c (c % kStages == warp): lane l finds the source rows of matrix rows l and l + 32
+    // (q) and of token rows l and l + 32 (index_q); dead rows are zero-filled.
+    for (int c = warp; c < n_steps; c += kStages) {
+      const int s = c % kStages;
+      int src_q[2], src_iq[2];
+      CUTE_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        const int r = lane + 32 * h;
+        const RowEntry e = row_entry(p, b, g, start, count, group, c, r);
+        src_q[h] = e.query < 0 ? -1 : row_src(p, e);
+        const RowEntry t = r < tokens ? row_entry(p, b, g, start, count, group, c, r * group) : RowEntry{-1, 0, 0};
+        src_iq[h] = t.query < 0 ? -1 : (p.q_base + t.query) * p.num_kv_heads + g;
+      }
+      cutlass::arch::ClusterBarrier::wait(&smem.empty[s], ((c / kStages) & 1) ^ 1);
+      gather_rows<Cfg::kChunks>(sQ(_, _, s), q, kD, src_q, lane);
+      gather_rows<Cfg::kIChunks>(sIQ(_, _, s), iq, kDi, src_iq, lane);
+      cute::cp_async_fence();
+      cute::cp_async_wait<0>();
+      // The gather and the zero fill are visible to wgmma (the async proxy) after a proxy fence.
+      cutlass::arch::fence_view_async_shared();
+      __syncwarp();
+      if (lane == 0) cutlass::arch::ClusterBarrier::arrive(&smem.full[s]);
+    }
+    return;
+  }
+
+  cutlass::arch::warpgroup_reg_alloc<kComputeRegisters>();
+  const int half = warp_group - 1;  // this warpgroup's keys: tile + 64 * half + [0, 64)
+  const int thread = threadIdx.x % 128;
+  const int key0 = tile + kHalf * half;
+  typename Cfg::MmaS mma_s;
+  typename Cfg::MmaU mma_u;
+  auto thr_s = mma_s.get_thread_slice(thread);
+  auto thr_u = mma_u.get_thread_slice(thread);
+  Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Cfg::SmemLayoutK{})(_, _, half);
+  Tensor sIK = make_tensor(make_smem_ptr(smem.ik.data()), typename Cfg::SmemLayoutIK{})(_, _, half);
+  Tensor tSrQ = thr_s.make_fragment_A(thr_s.partition_A(sQ));  // (MMA, MMA_M, MMA_K, stages)
+  Tensor tSrK = thr_s.make_fragment_B(thr_s.partition_B(sK));  // (MMA, MMA_N, MMA_K)
+  Tensor tUrIQ = thr_u.make_fragment_A(thr_u.partition_A(sIQ));
+  Tensor tUrIK = thr_u.make_fragment_B(thr_u.partition_B(sIK));
+  // S and U are both m64 n64 accumulators: one (row, key) map serves both.
+  Tensor coord_s = thr_s.partition_C(make_identity_tensor(Shape<Int<kRows>, Int<kHalf>>{}));
+  Tensor cs = make_tensor(coord_s.data(), sm90::acc_rows_by_cols(coord_s.layout()));  // (2, 16)
+  float* sP = smem.p.data() + half * kRows * kPStride;
+
+  // Gradient pass only: the products of du.
+  typename Cfg::MmaDIQ mma_diq;
+  typename Cfg::MmaDIK mma_dik;
+  auto thr_diq = mma_diq.get_thread_slice(thread);
+  auto thr_dik = mma_dik.get_thread_slice(thread);
+  constexpr int kDUtSize = cosize_v<typename Cfg::SmemLayoutDUt>;
+  Tensor sDUt = make_tensor(make_smem_ptr(smem.du.data() + (Cfg::kGrad ? half * kDUtSize : 0)),
+                            typename Cfg::SmemLayoutDUt{});
+  Tensor sIKt = make_tensor(make_smem_ptr(smem.ik.data()), typename Cfg::SmemLayoutIKt{})(_, _, half);
+  Tensor sIQt = make_tensor(make_smem_ptr(smem.iq.data()), typename Cfg::SmemLayoutIQt{});
+  Tensor tDIQrIKt = thr_diq.make_fragment_B(thr_diq.partition_B(sIKt));  // (MMA, MMA_N, MMA_K)
+  Tensor tDIKrDUt = thr_dik.make_fragment_A(thr_dik.partition_A(sDUt));  // (MMA, MMA_M, MMA_K)
+  Tensor tDIKrIQt = thr_dik.make_fragment_B(thr_dik.partition_B(sIQt));  // (MMA, MMA_N, MMA_K, stages)
+  Tensor coord_iq = thr_diq.partition_C(make_identity_tensor(Shape<Int<kRows>, Int<kDi>>{}));
+  Tensor ciq = make_tensor(coord_iq.data(), sm90::acc_rows_by_cols(coord_iq.layout()));
+  Tensor coord_ik = thr_dik.partition_C(make_identity_tensor(Shape<Int<kHalf>, Int<kDi>>{}));
+  Tensor cik = make_tensor(coord_ik.data(), sm90::acc_rows_by_cols(coord_ik.layout()));
+  Tensor acc_dik = partition_fragment_C(mma_dik, Shape<Int<kHalf>, Int<kDi>>{});
+  if constexpr (Cfg::kGrad) clear(acc_dik);
+  mma_dik.accumulate_ = GMMA::ScaleOut::One;
+
+  const float scale_log2 = p.softmax_scale * float(M_LOG2E);
+  const float iscale = p.index_softmax_scale;
+  const float inv_group = 1.0f / float(group);
+  const int64_t batch_rows = int64_t(b) * p.q_len * p.num_q_heads;
+  const int my_row[2] = {get<0>(cs(0, 0)), get<0>(cs(1, 0))};  // of every step
+  const cutlass::arch::NamedBarrier warpgroup_sync(128, half);  // this warpgroup only
+
+  cutlass::arch::ClusterTransactionBarrier::wait(&smem.tile_full, 0);
+  for (int c = 0; c < n_steps; ++c) {
+    const int s = c % kStages;
+    // This thread's two matrix rows (teacher): lse (log2 units) and visible keys of the half.
+    // Its two token rows (student): the entry, visible keys, and ilse (gradient pass).
+    float lse_log2[2], ilse[2];
+    int visible[2], t_visible[2];
+    int64_t t_row[2];  // partial row (query * top_k + slot) of a live token row, -1 if dead
+    int t_query[2];
+    CUTE_UNROLL
+    for (int i = 0; i < 2; ++i) {
+      const RowEntry e = row_entry(p, b, g, start, count, group, c, my_row[i]);
+      const bool live = e.query >= 0;
+      lse_log2[i] = live ? p.lse[batch_rows + row_src(p, e)] * float(M_LOG2E) : 0.0f;
+      visible[i] = min(max(row_last_visible(p, b, e) - key0 + 1, 0), kHalf);
+      const RowEntry t =
+          my_row[i] < tokens ? row_entry(p, b, g, start, count, group, c, my_row[i] * group) : RowEntry{-1, 0, 0};
+      t_row[i] = t.query < 0 ? -1 : int64_t(t.query) * p.top_k + t.slot;
+      t_query[i] = t.query;
+      t_visible[i] = min(max(row_last_visible(p, b, t) - key0 + 1, 0), kHalf);
+      ilse[i] = 0.0f;
+      if constexpr (Cfg::kGrad) {
+        if (t.query >= 0) ilse[i] = p.ilse[(int64_t(b) * p.q_len + p.q_base + t.query) * p.num_kv_heads + g];
+      }
+    }
+    cutlass::arch::ClusterBarrier::wait(&smem.full[s], (c / kStages) & 1);
+
+    Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kRows>, Int<kHalf>>{});
+    Tensor acc_u = partition_fragment_C(mma_u, Shape<Int<kRows>, Int<kHalf>>{});
+    warpgroup_fence_operand(acc_s);
+    warpgroup_fence_operand(acc_u);
+    warpgroup_arrive();
+    mma_s.accumulate_ = GMMA::ScaleOut::Zero;
+    CUTE_UNROLL
+    for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
+      cute::gemm(mma_s, tSrQ(_, _, kb, s), tSrK(_, _, kb), acc_s);
+      mma_s.accumulate_ = GMMA::ScaleOut::One;
+    }
+    mma_u.accumulate_ = GMMA::ScaleOut::Zero;
+    CUTE_UNROLL
+    for (int kb = 0; kb < size<2>(tUrIQ); ++kb) {
+      cute::gemm(mma_u, tUrIQ(_, _, kb, s), tUrIK(_, _, kb), acc_u);
+      mma_u.accumulate_ = GMMA::ScaleOut::One;
+    }
+    warpgroup_commit_batch();
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(acc_s);
+    warpgroup_fence_operand(acc_u);
+    // The value pass is done with the stage; the gradient pass still reads index_q (d index_k).
+    if constexpr (!Cfg::kGrad) cutlass::arch::ClusterBarrier::arrive(&smem.empty[s]);
+
+    // Each head's P over its visible keys (0 elsewhere, a select: masked S may be anything),
+    // into shared memory once every warp is past the previous step's reads of it.
+    Tensor ps = make_tensor(acc_s.data(), sm90::acc_rows_by_cols(acc_s.layout()));
+    warpgroup_sync.arrive_and_wait();
+    CUTE_UNROLL
+    for (int i = 0; i < 2; ++i) {
+      CUTE_UNROLL
+      for (int j = 0; j < size<1>(ps); ++j) {
+        const int key = get<1>(cs(i, j));
+        sP[my_row[i] * kPStride + key] = key < visible[i] ? exp2f(ps(i, j) * scale_log2 - lse_log2[i]) : 0.0f;
+      }
+    }
+    warpgroup_sync.arrive_and_wait();
+
+    // Token rows: the group mean P̄ of the token's G heads, and u = si <iq, ik>.
+    Tensor us = make_tensor(acc_u.data(), sm90::acc_rows_by_cols(acc_u.layout()));
+    auto mean_p = [&](int t, int key) {
+      float sum = 0.0f;
+      for (int h = 0; h < group; ++h) sum += sP[(t * group + h) * kPStride + key];
+      return sum * inv_group;
+    };
+    if constexpr (!Cfg::kGrad) {
+      CUTE_UNROLL
+      for (int i = 0; i < 2; ++i) {
+        const bool live = t_row[i] >= 0;
+        float m = -INFINITY;
+        CUTE_UNROLL
+        for (int j = 0; j < size<1>(us); ++j) {
+          if (get<1>(cs(i, j)) < t_visible[i]) m = fmaxf(m, us(i, j) * iscale);
+        }
+        m = quad_max(m);
+        float l = 0.0f, a = 0.0f, psum = 0.0f;
+        if (live && m > -INFINITY) {
+          CUTE_UNROLL
+          for (int j = 0; j < size<1>(us); ++j) {
+            const int key = get<1>(cs(i, j));
+            if (key >= t_visible[i]) continue;
+            const float u = us(i, j) * iscale;
+            l += exp2f((u - m) * float(M_LOG2E));
+            const float pm = mean_p(my_row[i], key);
+            a += (pm > 0.0f ? pm * logf(pm) : 0.0f) - pm * u;
+            psum += pm;
+          }
+        }
+        l = quad_sum(l);
+        a = quad_sum(a);
+        psum = quad_sum(psum);
+        if (live && lane % 4 == 0) {
+          const int64_t at = ((int64_t(b) * p.num_entries + t_row[i]) * p.num_kv_heads + g) * 2 + half;
+          reinterpret_cast<float4*>(p.partial)[at] = make_float4(m, l, a, psum);
+        }
+      }
+    } else {
+      // du = R - P̄ on the token's visible keys (0 elsewhere and on dead rows).
+      CUTE_UNROLL
+      for (int i = 0; i < 2; ++i) {
+        const bool live = t_row[i] >= 0;
+        CUTE_UNROLL
+        for (int j = 0; j < size<1>(us); ++j) {
+          const int key = get<1>(cs(i, j));
+          float du = 0.0f;
+          if (live && key < t_visible[i]) {
+            du = exp2f((us(i, j) * iscale - ilse[i]) * float(M_LOG2E)) - mean_p(my_row[i], key);
+          }
+          us(i, j) = du;
+        }
+      }
+      // duᵀ into this warpgroup's buffer (its previous readers finished before the P barrier).
+      CUTE_UNROLL
+      for (int i = 0; i < 2; ++i) {
+        CUTE_UNROLL
+        for (int j = 0; j < size<1>(us); ++j) sDUt(get<1>(cs(i, j)), my_row[i]) = IndexElement(us(i, j));
+      }
+      cutlass::arch::fence_view_async_shared();
+      warpgroup_sync.arrive_and_wait();
+
+      Tensor du_reg = make_tensor<IndexElement>(acc_u.layout());
+      constexpr int kAcc = decltype(size(acc_u))::value;
+      cutlass::NumericArrayConverter<IndexElement, float, kAcc> convert;
+      *reinterpret_cast<cutlass::Array<IndexElement, kAcc>*>(du_reg.data()) =
+          convert(*reinterpret_cast<const cutlass::Array<float, kAcc>*>(acc_u.data()));
+      Tensor tDIQrDU = make_tensor(du_reg.data(), sm90::AccAsAOperand<kHalf>{});
+      Tensor acc_diq = partition_fragment_C(mma_diq, Shape<Int<kRows>, Int<kDi>>{});
+      warpgroup_fence_operand(tDIQrDU);
+      warpgroup_fence_operand(acc_diq);
+      warpgroup_fence_operand(acc_dik);
+      warpgroup_arrive();
+      CUTE_UNROLL
+      for (int kb = 0; kb < size<2>(tDIKrDUt); ++kb) {
+        cute::gemm(mma_dik, tDIKrDUt(_, _, kb), tDIKrIQt(_, _, kb, s), acc_dik);
+      }
+      mma_diq.accumulate_ = GMMA::ScaleOut::Zero;
+      CUTE_UNROLL
+      for (int kb = 0; kb < size<2>(tDIQrDU); ++kb) {
+        cute::gemm(mma_diq, tDIQrDU(_, _, kb), tDIQrIKt(_, _, kb), acc_diq);
+        mma_diq.accumulate_ = GMMA::ScaleOut::One;
+      }
+      warpgroup_commit_batch();
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc_diq);
+      warpgroup_fence_operand(acc_dik);
+      cutlass::arch::ClusterBarrier::arrive(&smem.empty[s]);  // q and index_q of the stage are read
+
+      // This half's share of each live token's d index_q, scaled, added to its row.
+      Tensor diq = make_tensor(acc_diq.data(), sm90::acc_rows_by_cols(acc_diq.layout()));  // (2, Di/4)
+      CUTE_UNROLL
+      for (int i = 0; i < 2; ++i) {
+        if (t_row[i] < 0) continue;
+        const int64_t row = p.deterministic ? (int64_t(b) * p.num_entries + t_row[i]) * p.num_kv_heads + g
+                                            : (int64_t(b) * p.q_len + p.q_base + t_query[i]) * p.num_kv_heads + g;
+        float* out = p.d_index_q + row * kDi;
+        CUTE_UNROLL
+        for (int j = 0; j < size<1>(diq); j += 2) {
+          add_pair(out + get<1>(ciq(i, j)), iscale * diq(i, j), iscale * diq(i, j + 1));
+        }
+      }
+    }
+  }
+
+  if constexpr (Cfg::kGrad) {
+    // The item's d index_k (scaled) of this half, added to the tile's keys that exist.
+    Tensor dik = make_tensor(acc_dik.data(), sm90::acc_rows_by_cols(acc_dik.layout()));  // (2, Di/4)
+    CUTE_UNROLL
+    for (int i = 0; i < 2; ++i) {
+      const int key = key0 + get<0>(cik(i, 0));
+      if (key >= p.kv_len) continue;
+      float* out = p.d_index_k + ((int64_t(b) * p.kv_len + key) * p.num_kv_heads + g) * kDi;
+      CUTE_UNROLL
+      for (int j = 0; j < size<1>(dik); j += 2) {
+        add_pair(out + get<1>(cik(i, j)), iscale * dik(i, j), iscale * dik(i, j + 1));
+      }
+    }
+  }
+#endif
+}
+
+template <int kD, int kDi, class Element, bool kGrad>
+cudaError_t launch(const KLParams& p, cudaStream_t stream) {
+  using Cfg = Config<kD, kDi, Element, kGrad>;
+  const int group = p.num_kv_heads > 0 ? p.num_q_heads / p.num_kv_heads : 0;
+  // TMA and cp.async need 16-byte aligned bases; the float4 stores and float2 adds too.
+  const bool outputs_ok = kGrad ? sm90::aligned16(p.d_index_q) && sm90::aligned16(p.d_index_k) && p.ilse != nullptr
+                                : sm90::aligned16(p.partial);
+  if (!sm90::aligned16(p.q) || !sm90::aligned16(p.k) || !sm90::aligned16(p.index_q) || !sm90::aligned16(p.index_k) ||
+      !outputs_ok || p.head_dim != kD || p.index_head_dim != kDi || p.block_size != kBlock || group < 1 ||
+      group > kRows || group * p.num_kv_heads != p.num_q_heads || p.batch < 1 || p.batch > 65535 ||
+      p.num_kv_heads > 65535 || p.num_items < 1 || p.top_k < 1 || p.kv_len < 1 || p.q_len < 1) {
+    return cudaErrorInvalidValue;
+  }
+  KernelArgs<Cfg> args{p, Cfg::make_tma_k(p.k, p), Cfg::make_tma_ik(p.index_k, p)};
+  auto* kernel = &kl_kernel<Cfg>;
+  constexpr int smem_bytes = sizeof(typename Cfg::SharedStorage);
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+  if (err != cudaSuccess) return err;
+  dim3 grid(p.num_items, p.num_kv_heads, p.batch);
+  kernel<<<grid, kThreads, smem_bytes, stream>>>(args);
+  return cudaGetLastError();
+}
+
+}  // namespace msa::kl_sm90
