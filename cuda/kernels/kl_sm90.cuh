@@ -9,11 +9,14 @@
 //
 // One CTA per work item: one 128-key tile of kv head g and up to `count` (query, slot)
 // entries that selected it. K and the tile's index keys are loaded once (TMA). A step covers
-// 64 matrix rows (64 / G query tokens x G heads) for the teacher and the same 64 / G tokens
-// as the first rows of a 64-row student tile:
+// 64 matrix rows, 64 / G query tokens x G heads; the student's rows are laid out the same
+// way (each token's index_q row gathered once per head), so every thread owns whole rows of
+// both and all 128 threads of a warpgroup share the elementwise work whatever G is:
 //   S = Q Kᵀ, P(row) = exp(s S - lse) (exact: lse is the row's over its whole support),
-//   U = IQ Kiᵀ (token rows), P̄(token) = mean of P over the token's G rows (through shared
-//   memory, fp32), then the value partials or du.
+//   U = IQ Kiᵀ, P̄(token) = the mean of P over the token's G rows (for G > 1 through fp32
+//   shared memory: P in, one balanced pass writes P̄ per token, every row reads its token's),
+//   then the value partials or du. A token's G rows hold the same u and du; the first
+//   (lead) row writes the token's partials and d index_q, and only its du enters d index_k.
 // Roles as in the backward (attention_bwd_sm90.cuh): warpgroup 0 gathers q and index_q rows by
 // cp.async (warp w < kStages fills steps w, w + kStages, ...; lane 0 of warp 0 issues the
 // TMA); warpgroups 1 and 2 each own one 64-key half of the tile and take every step.
@@ -44,7 +47,10 @@ constexpr int kStages = 3;         // (q, index_q) buffers of 64 rows; one gathe
 constexpr int kThreads = 128 * 3;
 constexpr int kLoadRegisters = 40;
 constexpr int kComputeRegisters = 232;
-constexpr int kPStride = kHalf + 4;  // floats per row of the P buffer (padding against bank conflicts)
+
+// Element (row, key) of a 64-float-per-row buffer, 8-float groups XOR-swizzled by the row so
+// that the accumulator's writes (8 rows x 8 keys a warp) and row reads hit distinct banks.
+__device__ __forceinline__ int swizzled(int row, int key) { return row * kHalf + (key ^ ((row & 7) << 3)); }
 
 using IndexElement = cutlass::bfloat16_t;
 
@@ -102,7 +108,8 @@ struct Config {
     array_aligned<Element, cosize_v<SmemLayoutK>, 1024> k;
     array_aligned<IndexElement, cosize_v<SmemLayoutIK>, 1024> ik;
     array_aligned<IndexElement, kGrad ? 2 * cosize_v<SmemLayoutDUt> : 8, 1024> du;  // one duᵀ per warpgroup
-    array_aligned<float, 2 * kRows * kPStride, 16> p;  // one P (rows x keys, fp32) per warpgroup
+    array_aligned<float, 2 * kRows * kHalf, 16> p;         // one P (rows x keys, fp32) per warpgroup
+    array_aligned<float, 2 * kRows / 2 * kHalf, 16> pbar;  // one P̄ (tokens <= 32 x keys) per warpgroup
     uint64_t full[kStages];   // mbarrier: stage gathered (1 arrival: the warp's lane 0)
     uint64_t empty[kStages];  // mbarrier: stage read (256 arrivals: both computing warpgroups)
     uint64_t tile_full;       // mbarrier: K and index keys landed (TMA transaction bytes)
@@ -221,17 +228,15 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
     const IndexElement* iq =
         static_cast<const IndexElement*>(p.index_q) + int64_t(b) * p.q_len * p.num_kv_heads * kDi;
     // Step c (c % kStages == warp): lane l finds the source rows of matrix rows l and l + 32
-    // (q) and of token rows l and l + 32 (index_q); dead rows are zero-filled.
+    // (q, and index_q of the row's token); dead rows are zero-filled.
     for (int c = warp; c < n_steps; c += kStages) {
       const int s = c % kStages;
       int src_q[2], src_iq[2];
       CUTE_UNROLL
       for (int h = 0; h < 2; ++h) {
-        const int r = lane + 32 * h;
-        const RowEntry e = row_entry(p, b, g, start, count, group, c, r);
+        const RowEntry e = row_entry(p, b, g, start, count, group, c, lane + 32 * h);
         src_q[h] = e.query < 0 ? -1 : row_src(p, e);
-        const RowEntry t = r < tokens ? row_entry(p, b, g, start, count, group, c, r * group) : RowEntry{-1, 0, 0};
-        src_iq[h] = t.query < 0 ? -1 : (p.q_base + t.query) * p.num_kv_heads + g;
+        src_iq[h] = e.query < 0 ? -1 : (p.q_base + e.query) * p.num_kv_heads + g;
       }
       cutlass::arch::ClusterBarrier::wait(&smem.empty[s], ((c / kStages) & 1) ^ 1);
       gather_rows<Cfg::kChunks>(sQ(_, _, s), q, kD, src_q, lane);
@@ -263,7 +268,8 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
   // S and U are both m64 n64 accumulators: one (row, key) map serves both.
   Tensor coord_s = thr_s.partition_C(make_identity_tensor(Shape<Int<kRows>, Int<kHalf>>{}));
   Tensor cs = make_tensor(coord_s.data(), sm90::acc_rows_by_cols(coord_s.layout()));  // (2, 16)
-  float* sP = smem.p.data() + half * kRows * kPStride;
+  float* sP = smem.p.data() + half * kRows * kHalf;
+  float* sPbar = smem.pbar.data() + half * (kRows / 2) * kHalf;
 
   // Gradient pass only: the products of du.
   typename Cfg::MmaDIQ mma_diq;
@@ -296,26 +302,24 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
   cutlass::arch::ClusterTransactionBarrier::wait(&smem.tile_full, 0);
   for (int c = 0; c < n_steps; ++c) {
     const int s = c % kStages;
-    // This thread's two matrix rows (teacher): lse (log2 units) and visible keys of the half.
-    // Its two token rows (student): the entry, visible keys, and ilse (gradient pass).
+    // This thread's two rows: lse (log2 units), the half's visible keys, the row's partial
+    // (query * top_k + slot, -1 if dead), whether it leads its token, and ilse (gradient).
     float lse_log2[2], ilse[2];
-    int visible[2], t_visible[2];
-    int64_t t_row[2];  // partial row (query * top_k + slot) of a live token row, -1 if dead
-    int t_query[2];
+    int visible[2], query[2];
+    int64_t part_row[2];
+    bool lead[2];
     CUTE_UNROLL
     for (int i = 0; i < 2; ++i) {
       const RowEntry e = row_entry(p, b, g, start, count, group, c, my_row[i]);
       const bool live = e.query >= 0;
       lse_log2[i] = live ? p.lse[batch_rows + row_src(p, e)] * float(M_LOG2E) : 0.0f;
       visible[i] = min(max(row_last_visible(p, b, e) - key0 + 1, 0), kHalf);
-      const RowEntry t =
-          my_row[i] < tokens ? row_entry(p, b, g, start, count, group, c, my_row[i] * group) : RowEntry{-1, 0, 0};
-      t_row[i] = t.query < 0 ? -1 : int64_t(t.query) * p.top_k + t.slot;
-      t_query[i] = t.query;
-      t_visible[i] = min(max(row_last_visible(p, b, t) - key0 + 1, 0), kHalf);
+      query[i] = e.query;
+      part_row[i] = live ? int64_t(e.query) * p.top_k + e.slot : -1;
+      lead[i] = live && my_row[i] % group == 0;
       ilse[i] = 0.0f;
       if constexpr (Cfg::kGrad) {
-        if (t.query >= 0) ilse[i] = p.ilse[(int64_t(b) * p.q_len + p.q_base + t.query) * p.num_kv_heads + g];
+        if (live) ilse[i] = p.ilse[(int64_t(b) * p.q_len + p.q_base + e.query) * p.num_kv_heads + g];
       }
     }
     cutlass::arch::ClusterBarrier::wait(&smem.full[s], (c / kStages) & 1);
@@ -344,46 +348,57 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
     // The value pass is done with the stage; the gradient pass still reads index_q (d index_k).
     if constexpr (!Cfg::kGrad) cutlass::arch::ClusterBarrier::arrive(&smem.empty[s]);
 
-    // Each head's P over its visible keys (0 elsewhere, a select: masked S may be anything),
-    // into shared memory once every warp is past the previous step's reads of it.
+    // Each head's P over its visible keys (0 elsewhere, a select: masked S may be anything).
     Tensor ps = make_tensor(acc_s.data(), sm90::acc_rows_by_cols(acc_s.layout()));
-    warpgroup_sync.arrive_and_wait();
     CUTE_UNROLL
     for (int i = 0; i < 2; ++i) {
       CUTE_UNROLL
       for (int j = 0; j < size<1>(ps); ++j) {
-        const int key = get<1>(cs(i, j));
-        sP[my_row[i] * kPStride + key] = key < visible[i] ? exp2f(ps(i, j) * scale_log2 - lse_log2[i]) : 0.0f;
+        ps(i, j) = get<1>(cs(i, j)) < visible[i] ? exp2f(ps(i, j) * scale_log2 - lse_log2[i]) : 0.0f;
       }
     }
-    warpgroup_sync.arrive_and_wait();
-
-    // Token rows: the group mean P̄ of the token's G heads, and u = si <iq, ik>.
-    Tensor us = make_tensor(acc_u.data(), sm90::acc_rows_by_cols(acc_u.layout()));
-    auto mean_p = [&](int t, int key) {
-      float sum = 0.0f;
-      for (int h = 0; h < group; ++h) sum += sP[(t * group + h) * kPStride + key];
-      return sum * inv_group;
+    // P̄: for G = 1 the row's own P; else P into shared memory (once every warp is past the
+    // previous step's reads), the group means written per token by all 128 threads alike,
+    // then read back by each row.
+    if (group > 1) {
+      warpgroup_sync.arrive_and_wait();
+      CUTE_UNROLL
+      for (int i = 0; i < 2; ++i) {
+        CUTE_UNROLL
+        for (int j = 0; j < size<1>(ps); ++j) sP[swizzled(my_row[i], get<1>(cs(i, j)))] = ps(i, j);
+      }
+      warpgroup_sync.arrive_and_wait();
+      for (int at = thread; at < tokens * kHalf; at += 128) {
+        const int t = at / kHalf, key = at % kHalf;
+        float sum = 0.0f;
+        for (int h = 0; h < group; ++h) sum += sP[swizzled(t * group + h, key)];
+        sPbar[swizzled(t, key)] = sum * inv_group;
+      }
+      warpgroup_sync.arrive_and_wait();
+    }
+    auto mean_p = [&](int i, int j) {
+      return group > 1 ? sPbar[swizzled(my_row[i] / group, get<1>(cs(i, j)))] : ps(i, j);
     };
+
+    // The student: u = si <iq, ik> on the row's visible keys.
+    Tensor us = make_tensor(acc_u.data(), sm90::acc_rows_by_cols(acc_u.layout()));
     if constexpr (!Cfg::kGrad) {
       CUTE_UNROLL
       for (int i = 0; i < 2; ++i) {
-        const bool live = t_row[i] >= 0;
         float m = -INFINITY;
         CUTE_UNROLL
         for (int j = 0; j < size<1>(us); ++j) {
-          if (get<1>(cs(i, j)) < t_visible[i]) m = fmaxf(m, us(i, j) * iscale);
+          if (get<1>(cs(i, j)) < visible[i]) m = fmaxf(m, us(i, j) * iscale);
         }
         m = quad_max(m);
         float l = 0.0f, a = 0.0f, psum = 0.0f;
-        if (live && m > -INFINITY) {
+        if (m > -INFINITY) {
           CUTE_UNROLL
           for (int j = 0; j < size<1>(us); ++j) {
-            const int key = get<1>(cs(i, j));
-            if (key >= t_visible[i]) continue;
+            if (get<1>(cs(i, j)) >= visible[i]) continue;
             const float u = us(i, j) * iscale;
             l += exp2f((u - m) * float(M_LOG2E));
-            const float pm = mean_p(my_row[i], key);
+            const float pm = mean_p(i, j);
             a += (pm > 0.0f ? pm * logf(pm) : 0.0f) - pm * u;
             psum += pm;
           }
@@ -391,31 +406,33 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
         l = quad_sum(l);
         a = quad_sum(a);
         psum = quad_sum(psum);
-        if (live && lane % 4 == 0) {
-          const int64_t at = ((int64_t(b) * p.num_entries + t_row[i]) * p.num_kv_heads + g) * 2 + half;
+        if (lead[i] && lane % 4 == 0) {
+          const int64_t at = ((int64_t(b) * p.num_entries + part_row[i]) * p.num_kv_heads + g) * 2 + half;
           reinterpret_cast<float4*>(p.partial)[at] = make_float4(m, l, a, psum);
         }
       }
     } else {
-      // du = R - P̄ on the token's visible keys (0 elsewhere and on dead rows).
+      // du = R - P̄ on the row's visible keys (0 elsewhere and on dead rows).
       CUTE_UNROLL
       for (int i = 0; i < 2; ++i) {
-        const bool live = t_row[i] >= 0;
         CUTE_UNROLL
         for (int j = 0; j < size<1>(us); ++j) {
-          const int key = get<1>(cs(i, j));
           float du = 0.0f;
-          if (live && key < t_visible[i]) {
-            du = exp2f((us(i, j) * iscale - ilse[i]) * float(M_LOG2E)) - mean_p(my_row[i], key);
+          if (query[i] >= 0 && get<1>(cs(i, j)) < visible[i]) {
+            du = exp2f((us(i, j) * iscale - ilse[i]) * float(M_LOG2E)) - mean_p(i, j);
           }
           us(i, j) = du;
         }
       }
-      // duᵀ into this warpgroup's buffer (its previous readers finished before the P barrier).
+      // duᵀ of the lead rows (the others 0: d index_k sums each token once) into this
+      // warpgroup's buffer, once every warp is past the previous step's product reading it.
+      warpgroup_sync.arrive_and_wait();
       CUTE_UNROLL
       for (int i = 0; i < 2; ++i) {
         CUTE_UNROLL
-        for (int j = 0; j < size<1>(us); ++j) sDUt(get<1>(cs(i, j)), my_row[i]) = IndexElement(us(i, j));
+        for (int j = 0; j < size<1>(us); ++j) {
+          sDUt(get<1>(cs(i, j)), my_row[i]) = IndexElement(lead[i] ? us(i, j) : 0.0f);
+        }
       }
       cutlass::arch::fence_view_async_shared();
       warpgroup_sync.arrive_and_wait();
@@ -447,13 +464,13 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
       warpgroup_fence_operand(acc_dik);
       cutlass::arch::ClusterBarrier::arrive(&smem.empty[s]);  // q and index_q of the stage are read
 
-      // This half's share of each live token's d index_q, scaled, added to its row.
+      // This half's share of each token's d index_q (from its lead row), scaled, added to its row.
       Tensor diq = make_tensor(acc_diq.data(), sm90::acc_rows_by_cols(acc_diq.layout()));  // (2, Di/4)
       CUTE_UNROLL
       for (int i = 0; i < 2; ++i) {
-        if (t_row[i] < 0) continue;
-        const int64_t row = p.deterministic ? (int64_t(b) * p.num_entries + t_row[i]) * p.num_kv_heads + g
-                                            : (int64_t(b) * p.q_len + p.q_base + t_query[i]) * p.num_kv_heads + g;
+        if (!lead[i]) continue;
+        const int64_t row = p.deterministic ? (int64_t(b) * p.num_entries + part_row[i]) * p.num_kv_heads + g
+                                            : (int64_t(b) * p.q_len + p.q_base + query[i]) * p.num_kv_heads + g;
         float* out = p.d_index_q + row * kDi;
         CUTE_UNROLL
         for (int j = 0; j < size<1>(diq); j += 2) {
