@@ -8,6 +8,7 @@
 #include <string>
 
 #include "handlers.h"
+#include "msa/params.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace msa {
@@ -83,10 +84,8 @@ inline xla::ffi::Error CheckAttentionCall(
   return xla::ffi::Error::Success();
 }
 
-// The sizes, positions and work list every KV-outer parameter struct (AttentionFwdParams,
-// AttentionBwdParams, KLParams) names alike.
-template <class Params>
-void FillWorkParams(Params& p, const AttentionCallSizes& s, const xla::ffi::Buffer<xla::ffi::S32>& last_visible,
+// The KVOuterParams part of a kernel's parameter struct (msa/params.h).
+inline void FillWorkParams(KVOuterParams& p, const AttentionCallSizes& s, const xla::ffi::Buffer<xla::ffi::S32>& last_visible,
                     const xla::ffi::Buffer<xla::ffi::S32>& entry_query,
                     const xla::ffi::Buffer<xla::ffi::S32>& entry_slot,
                     const xla::ffi::Buffer<xla::ffi::S32>& item_start,

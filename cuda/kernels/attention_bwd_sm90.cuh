@@ -1,5 +1,5 @@
 // Block-sparse attention backward for SM90, KV-outer (spec, "Main branch"; design:
-// shared/guide/kernels.md, "Backward"), over the forward's work lists (msa_jax/pallas/worklist.py).
+// shared/guide/kernels.md, "Backward"), over the forward's work lists (msa_jax/kv_outer/worklist.py).
 //
 // One CTA per work item: one 128-key tile of kv head g and up to `count` (query, slot) entries
 // that selected it, walked 64 matrix rows (64 / G query tokens x G heads) a step. K and V of
@@ -110,13 +110,9 @@ struct KernelArgs {
   typename Cfg::Tma tma_v;
 };
 
-// Adds a pair of float32 gradient values to out[0..1] (8-byte aligned). Always an atomic
-// add: in the deterministic mode an output element receives at most two adds in a launch (a
-// dq slot row: the two halves of one tile; dk, dv: the one item of its tile), and a sum of two
-// terms onto zero is the same whichever lands first.
-__device__ __forceinline__ void add_pair(float* out, float a, float b) {
-  atomicAdd(reinterpret_cast<float2*>(out), make_float2(a, b));
-}
+// Gradient adds go through add_pair (attention_rows_sm90.cuh). In the deterministic mode an
+// output element receives at most two adds in a launch (a dq slot row: the two halves of one
+// tile; dk, dv: the one item of its tile), so repeated calls give identical bits.
 
 template <class Cfg>
 __global__ void __launch_bounds__(kThreads, 1)

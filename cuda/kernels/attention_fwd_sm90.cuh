@@ -1,5 +1,5 @@
 // Block-sparse attention forward for SM90, KV-outer (spec, "Main branch"; design:
-// shared/guide/kernels.md and msa_jax/pallas/worklist.py, which builds the inputs).
+// shared/guide/kernels.md and msa_jax/kv_outer/worklist.py, which builds the inputs).
 //
 // One CTA per work item: one 128-key tile of one kv head g and up to `count` (query, slot)
 // entries that selected it. K and V of the tile are loaded once (TMA); the entries are

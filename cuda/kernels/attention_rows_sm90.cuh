@@ -104,6 +104,12 @@ auto kv_tensor(const void* ptr, const Params& p) {
                                              int64_t(p.kv_len) * p.num_kv_heads * kD));
 }
 
+// Adds a pair of float32 values to out[0..1] (8-byte aligned) with one vector atomic (sm_90).
+// Where an element receives at most two adds onto zero, the sum does not depend on their order.
+__device__ __forceinline__ void add_pair(float* out, float a, float b) {
+  atomicAdd(reinterpret_cast<float2*>(out), make_float2(a, b));
+}
+
 __device__ __forceinline__ void cp_async_16(uint32_t smem_addr, const void* gmem) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr), "l"(gmem));
 }

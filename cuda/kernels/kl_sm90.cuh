@@ -1,5 +1,5 @@
 // The KL index-alignment loss over the sparse support for SM90 (spec, "KL index-alignment loss
-// and gradient detach"), KV-outer over the forward's work lists (msa_jax/pallas/worklist.py),
+// and gradient detach"), KV-outer over the forward's work lists (msa_jax/kv_outer/worklist.py),
 // in two passes that share this kernel:
 //   value (kGrad = false): per (entry, key half) the partials (max u, sum exp(u - max),
 //     sum P log P - P u, sum P); msa_jax/cuda.py merges them into the student's ilse and the
@@ -157,10 +157,6 @@ __device__ __forceinline__ void gather_rows(Tensor&& stage, const Element* base,
       *reinterpret_cast<uint4*>(&stage(r, col)) = make_uint4(0, 0, 0, 0);
     }
   }
-}
-
-__device__ __forceinline__ void add_pair(float* out, float a, float b) {
-  atomicAdd(reinterpret_cast<float2*>(out), make_float2(a, b));
 }
 
 __device__ __forceinline__ float quad_max(float x) {

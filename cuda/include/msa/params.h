@@ -26,26 +26,19 @@ struct IndexerParams {
   float index_softmax_scale;  // si; ranking uses si * <index_q, index_k> as the spec does
 };
 
-// block_sparse_attention forward, KV-outer slot partials (spec, "Main branch"). Inputs:
-//   q [B, q_len, Hq, D], k, v [B, S, Hkv, D] (bf16 or fp16), last_visible [B, q_len] (int32:
-//   the last key each query may see, -1 for none), and one work list per (b, kv head) as
-//   msa_jax/pallas/worklist.py builds it for the query chunk [q_base, q_base + chunk):
-//   entry_query / entry_slot [B, Hkv, num_entries] (query relative to q_base; sorted by tile),
-//   item_start / item_count / item_tile [B, Hkv, num_items].
-// Outputs, row (query * top_k + slot) * Hq + head of the chunk, written only for live entries:
-//   out_partial [B, num_out_rows, D] (normalised, q's dtype), lse_partial [B, num_out_rows] f32.
-struct AttentionFwdParams {
-  const void* q;
-  const void* k;
-  const void* v;
+// What every KV-outer kernel (attention forward and backward, the KL passes) reads alike:
+// sizes, positions and the work list of one query chunk [q_base, q_base + num_entries /
+// top_k), as msa_jax/kv_outer/worklist.py builds it: entry_query / entry_slot
+// [B, Hkv, num_entries] (query relative to q_base; sorted by tile), item_start / item_count /
+// item_tile [B, Hkv, num_items]; last_visible [B, q_len] (int32: the last key each query may
+// see, -1 for none).
+struct KVOuterParams {
   const int32_t* last_visible;
   const int32_t* entry_query;
   const int32_t* entry_slot;
   const int32_t* item_start;
   const int32_t* item_count;
   const int32_t* item_tile;
-  void* out_partial;
-  float* lse_partial;
   int batch;         // B
   int q_len;         // queries in q (all chunks)
   int q_base;        // first query of this chunk
@@ -57,15 +50,26 @@ struct AttentionFwdParams {
   int top_k;         // K
   int num_entries;   // chunk * K
   int num_items;
-  int num_out_rows;  // chunk * K * Hq
   float softmax_scale;  // s > 0
+};
+
+// block_sparse_attention forward, KV-outer slot partials (spec, "Main branch"). Inputs:
+//   q [B, q_len, Hq, D], k, v [B, S, Hkv, D] (bf16 or fp16) and the KVOuterParams.
+// Outputs, row (query * top_k + slot) * Hq + head of the chunk, written only for live entries:
+//   out_partial [B, num_out_rows, D] (normalised, q's dtype), lse_partial [B, num_out_rows] f32.
+struct AttentionFwdParams : KVOuterParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out_partial;
+  float* lse_partial;
+  int num_out_rows;  // chunk * K * Hq
 };
 
 // block_sparse_attention backward, KV-outer (spec, "Main branch"), over the same work lists as
 // the forward. Inputs: q, dout [B, q_len, Hq, D] and k, v [B, S, Hkv, D] (one dtype, bf16 or
 // fp16); lse and delta [B, q_len, Hq] f32 (delta = rowsum(dout * out) - dlse; lse finite for
-// every row an entry names); last_visible [B, q_len]; the work list of the query chunk
-// [q_base, q_base + num_entries / top_k). Outputs, float32, zeroed by the caller; every
+// every row an entry names); the KVOuterParams. Outputs, float32, zeroed by the caller; every
 // contribution is an atomic add:
 //   dk, dv [B, S, Hkv, D]: each item adds its tile's sums;
 //   dq: deterministic = false: [B, q_len * Hq, D], each row receives one add per (tile, key
@@ -73,44 +77,25 @@ struct AttentionFwdParams {
 //       (query * top_k + slot) * Hq + head receives the two halves of its one tile.
 // deterministic = true also requires one work item per (tile, kv head). Then no element gets
 // more than two adds onto zero, and a + b = b + a, so repeated calls give identical bits.
-struct AttentionBwdParams {
+struct AttentionBwdParams : KVOuterParams {
   const void* q;
   const void* k;
   const void* v;
   const void* dout;
   const float* lse;
   const float* delta;
-  const int32_t* last_visible;
-  const int32_t* entry_query;
-  const int32_t* entry_slot;
-  const int32_t* item_start;
-  const int32_t* item_count;
-  const int32_t* item_tile;
   float* dq;
   float* dk;
   float* dv;
-  int batch;         // B
-  int q_len;         // queries in q (all chunks)
-  int q_base;        // first query of this chunk
-  int kv_len;        // S
-  int num_q_heads;   // Hq
-  int num_kv_heads;  // Hkv
-  int head_dim;      // D
-  int block_size;    // Bk
-  int top_k;         // K
-  int num_entries;   // chunk * K
-  int num_items;
   int num_out_rows;  // chunk * K * Hq (deterministic dq rows)
-  float softmax_scale;  // s > 0
   bool deterministic;
 };
 
 // The KL index-alignment loss over the sparse support (spec, "KL index-alignment loss"), KV-outer
 // over the forward's work lists. Inputs: q [B, q_len, Hq, D] and k [B, S, Hkv, D] (bf16 or
 // fp16), lse [B, q_len, Hq] f32 (the teacher's, finite for every row an entry names),
-// index_q [B, q_len, Hkv, Di] and index_k [B, S, Di] (bf16), last_visible [B, q_len], the work
-// list of the query chunk [q_base, q_base + num_entries / top_k). One entry is one
-// (query, slot) of kv head g: E = chunk * top_k, row e = query * top_k + slot.
+// index_q [B, q_len, Hkv, Di] and index_k [B, S, Di] (bf16), the KVOuterParams. One entry is
+// one (query, slot) of kv head g: E = chunk * top_k, row e = query * top_k + slot.
 // Value pass (grad = false), written per entry and key half (plain stores, zeroed by the
 // caller), partial [B, E, Hkv, 2, 4] f32: (max u, sum exp(u - max), sum P log P - P u,
 // sum P) over the half's visible keys, P the group-mean teacher, u = si <index_q, index_k>.
@@ -120,35 +105,17 @@ struct AttentionBwdParams {
 //              deterministic = true: [B, E, Hkv, Di] slot partials (two adds each, the halves);
 //   d_index_k: [B, S, Hkv, Di], each item adds its tile's keys (one term per kv head, summed
 //              over heads by the caller).
-struct KLParams {
+struct KLParams : KVOuterParams {
   const void* q;
   const void* k;
   const float* lse;
   const void* index_q;
   const void* index_k;
   const float* ilse;
-  const int32_t* last_visible;
-  const int32_t* entry_query;
-  const int32_t* entry_slot;
-  const int32_t* item_start;
-  const int32_t* item_count;
-  const int32_t* item_tile;
   float* partial;
   float* d_index_q;
   float* d_index_k;
-  int batch;           // B
-  int q_len;           // queries in q (all chunks)
-  int q_base;          // first query of this chunk
-  int kv_len;          // S
-  int num_q_heads;     // Hq
-  int num_kv_heads;    // Hkv
-  int head_dim;        // D
-  int index_head_dim;  // Di
-  int block_size;      // Bk
-  int top_k;           // K
-  int num_entries;     // chunk * K
-  int num_items;
-  float softmax_scale;        // s > 0
+  int index_head_dim;         // Di
   float index_softmax_scale;  // si > 0
   bool grad;
   bool deterministic;
