@@ -28,6 +28,9 @@ class Implementation:
     """
 
     name: str = ""
+    # One layout string per leaf of kl_fwd's `saved` (letters as in `shard_local`), so
+    # automatic sharding (partitioning.py) can split it like the other arrays.
+    kl_saved_layouts: tuple[str, ...] = ()
 
     def supports(self, call: CallInfo) -> str | None:
         """None if this implementation serves `call`, else a one-line reason."""
@@ -114,10 +117,18 @@ def run(op: str, call: CallInfo, names: Sequence[str], fn: Callable[[Implementat
             reasons.append(f"{name}: {reason}")
             continue
         try:
-            return fn(impl)
+            return fn(_auto_sharded(impl))
         except NotImplementedError as e:
             reasons.append(f"{name}: {e}")
     raise NotImplementedError(f"no implementation can serve {op}: " + "; ".join(reasons))
+
+
+def _auto_sharded(impl: Implementation) -> Implementation:
+    """impl with its methods split by jit's partitioner over batch and heads
+    (partitioning.py); imported here because partitioning builds on this module."""
+    from .partitioning import AutoSharded
+
+    return AutoSharded(impl)
 
 
 def _mesh_axes(spec_entry) -> tuple[str, ...]:
