@@ -134,7 +134,7 @@ def context_parallel_sparse_attention(
                 outs.append((out, lse, bi, kl))
             (o0, l0, b0, k0), (o1, l1, b1, k1) = outs
             cat = lambda a, b: jnp.concatenate([a, b], axis=1)  # noqa: E731
-            return cat(o0, o1), cat(l0, l1), cat(b0, b1), jax.lax.psum(k0 + k1, axis)
+            return cat(o0, o1), cat(l0, l1), cat(b0, b1), (k0 + k1)[None]
 
         seq4, seq3 = P(None, axis, None, None), P(None, axis, None)
         in_specs = (seq4, seq4, seq4, seq4, seq3)
@@ -143,7 +143,14 @@ def context_parallel_sparse_attention(
         explicit = dict(zip(mesh.axis_names, mesh.axis_types))[axis] == AxisType.Explicit
         move = jax.sharding.reshard if explicit else jax.lax.with_sharding_constraint
         args = [move(x, NamedSharding(mesh, spec)) for x, spec in zip((q, k, v, index_q, index_k), in_specs)]
-        return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=(seq4, seq3, seq4, P()))(*args)
+        # check_vma=False: the Pallas kernels' out_shape carries no varying-axes type, which
+        # shard_map's check demands. Nothing here needs that check: the all-gathers transpose
+        # to reduce-scatters either way, and the KL partial sums leave as one value per
+        # device and are added outside, so no psum has to be transposed.
+        out, lse, bi, kl_parts = jax.shard_map(
+            local, mesh=mesh, in_specs=in_specs, out_specs=(seq4, seq3, seq4, P(axis)), check_vma=False,
+        )(*args)
+        return out, lse, bi, jnp.sum(kl_parts)
 
     out, lse, bi, kl = dispatch.run("sparse_attention", call, names, serve)
     return MSAOutput(out, _normalise_kl(kl, cfg, pos, T, k.shape[2]), bi, lse)
