@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from .config import CallInfo
@@ -171,8 +172,10 @@ def shard_local(fn, args, layouts, out_layouts, *, summed_outputs=()):
 
     present = [i for i, a in enumerate(args) if a is not None]
     in_specs = tuple(to_spec(layouts[i]) for i in present)
-    out_specs = tuple(to_spec(l) for l in out_layouts)
     all_axes = batch + heads
+    # A summed scalar leaves as one partial per device ([1] * len(all_axes) locally) and is
+    # added up outside: no psum inside, so no psum has to be transposed (see check_vma).
+    out_specs = tuple(P(*all_axes) if i in summed_outputs else to_spec(l) for i, l in enumerate(out_layouts))
 
     def local(*local_args):
         full = [None] * len(args)
@@ -180,11 +183,17 @@ def shard_local(fn, args, layouts, out_layouts, *, summed_outputs=()):
             full[i] = a
         outs = list(fn(*full))
         for i in summed_outputs:
-            outs[i] = jax.lax.psum(outs[i], all_axes)
+            outs[i] = outs[i].reshape((1,) * len(all_axes))
         return tuple(outs)
 
     # Explicit-mode shard_map wants inputs laid out as in_specs say. Arguments the caller
     # sharded differently (or not at all, like the canonical positions) are moved here;
     # q, k, v sharded over batch/heads already match, so nothing large moves.
     local_args = [jax.sharding.reshard(args[i], spec) for i, spec in zip(present, in_specs)]
-    return jax.shard_map(local, in_specs=in_specs, out_specs=out_specs)(*local_args)
+    # check_vma=False: Pallas kernels declare their outputs without a varying-axes type,
+    # which the check rejects. Without it, the cotangent of an input replicated over an axis
+    # (index_k over the head axis) is summed over that axis by shard_map's transpose.
+    outs = list(jax.shard_map(local, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*local_args))
+    for i in summed_outputs:
+        outs[i] = jnp.sum(outs[i])
+    return tuple(outs)
