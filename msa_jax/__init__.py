@@ -14,6 +14,9 @@ from .api import paged_sparse_attention as paged_sparse_attention
 from .api import select_blocks as select_blocks
 from .api import sparse_attention as sparse_attention
 from .config import MSAConfig as MSAConfig
+from .context_parallel import context_parallel_sparse_attention as context_parallel_sparse_attention
+from .context_parallel import unzigzag as unzigzag
+from .context_parallel import zigzag as zigzag
 from .cuda import CudaImplementation as _CudaImplementation
 from .fp8 import dequantize as dequantize_fp8
 from .fp8 import quantize as quantize_fp8

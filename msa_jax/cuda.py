@@ -46,6 +46,7 @@ def _device_reason() -> str | None:
 
 class CudaImplementation(Implementation):
     name = "cuda"
+    kl_saved_layouts = ("BTH",)  # kl_fwd saves the student's lse, [B, T, Hkv]
 
     def supports(self, call: CallInfo) -> str | None:
         if call.op not in SERVED_OPS:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from .config import CallInfo
@@ -28,6 +29,9 @@ class Implementation:
     """
 
     name: str = ""
+    # One layout string per leaf of kl_fwd's `saved` (letters as in `shard_local`), so
+    # automatic sharding (partitioning.py) can split it like the other arrays.
+    kl_saved_layouts: tuple[str, ...] = ()
 
     def supports(self, call: CallInfo) -> str | None:
         """None if this implementation serves `call`, else a one-line reason."""
@@ -114,10 +118,18 @@ def run(op: str, call: CallInfo, names: Sequence[str], fn: Callable[[Implementat
             reasons.append(f"{name}: {reason}")
             continue
         try:
-            return fn(impl)
+            return fn(_auto_sharded(impl))
         except NotImplementedError as e:
             reasons.append(f"{name}: {e}")
     raise NotImplementedError(f"no implementation can serve {op}: " + "; ".join(reasons))
+
+
+def _auto_sharded(impl: Implementation) -> Implementation:
+    """impl with its methods split by jit's partitioner over batch and heads
+    (partitioning.py); imported here because partitioning builds on this module."""
+    from .partitioning import AutoSharded
+
+    return AutoSharded(impl)
 
 
 def _mesh_axes(spec_entry) -> tuple[str, ...]:
@@ -134,9 +146,10 @@ def shard_local(fn, args, layouts, out_layouts, *, summed_outputs=()):
     holds whole GQA groups), anything else unsharded. Arguments that are None stay None. The
     mesh axes come from the first argument's sharding in explicit-sharding mode
     (`jax.set_mesh` with `AxisType.Explicit`). Outputs listed in `summed_outputs` are
-    scalars summed over every shard. With no explicit mesh the call runs as is: XLA's
-    partitioner keeps the pure-jnp implementation shard-local by itself, since batch and
-    heads are batch dimensions of every contraction in it.
+    scalars summed over every shard. With no explicit mesh the call runs as is: `run` gave
+    fn an implementation whose every call is a custom_partitioning op (partitioning.py),
+    which jit's partitioner splits over batch and heads. Inside this shard_map those ops
+    lower to the plain call.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
@@ -159,8 +172,10 @@ def shard_local(fn, args, layouts, out_layouts, *, summed_outputs=()):
 
     present = [i for i, a in enumerate(args) if a is not None]
     in_specs = tuple(to_spec(layouts[i]) for i in present)
-    out_specs = tuple(to_spec(l) for l in out_layouts)
     all_axes = batch + heads
+    # A summed scalar leaves as one partial per device ([1] * len(all_axes) locally) and is
+    # added up outside: no psum inside, so no psum has to be transposed (see check_vma).
+    out_specs = tuple(P(*all_axes) if i in summed_outputs else to_spec(l) for i, l in enumerate(out_layouts))
 
     def local(*local_args):
         full = [None] * len(args)
@@ -168,11 +183,17 @@ def shard_local(fn, args, layouts, out_layouts, *, summed_outputs=()):
             full[i] = a
         outs = list(fn(*full))
         for i in summed_outputs:
-            outs[i] = jax.lax.psum(outs[i], all_axes)
+            outs[i] = outs[i].reshape((1,) * len(all_axes))
         return tuple(outs)
 
     # Explicit-mode shard_map wants inputs laid out as in_specs say. Arguments the caller
     # sharded differently (or not at all, like the canonical positions) are moved here;
     # q, k, v sharded over batch/heads already match, so nothing large moves.
     local_args = [jax.sharding.reshard(args[i], spec) for i, spec in zip(present, in_specs)]
-    return jax.shard_map(local, in_specs=in_specs, out_specs=out_specs)(*local_args)
+    # check_vma=False: Pallas kernels declare their outputs without a varying-axes type,
+    # which the check rejects. Without it, the cotangent of an input replicated over an axis
+    # (index_k over the head axis) is summed over that axis by shard_map's transpose.
+    outs = list(jax.shard_map(local, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*local_args))
+    for i in summed_outputs:
+        outs[i] = jnp.sum(outs[i])
+    return tuple(outs)

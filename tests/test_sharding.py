@@ -5,8 +5,10 @@ run shard-locally through `dispatch.shard_local`: same values and gradients as o
 outputs and gradients keep the inputs' batch/head sharding, and the compiled program moves
 no tensor between devices except the all-reduces of the KL sum and of the shared index_k
 gradient (no all-gather); (b) auto-sharding jit (`in_shardings` on an `AxisType.Auto`
-mesh), where XLA's partitioner decides: same numbers, and q/k/v/index tensors are never
-gathered.
+mesh): same numbers and nothing gathered; (c) the mechanism behind (b): every implementation
+call is a custom_partitioning op (msa_jax/partitioning.py) whose partition callback splits
+it over batch and heads, for `xla` and for `pallas` (interpret mode here; on a GPU its
+kernels are custom calls XLA cannot split by itself).
 """
 
 from __future__ import annotations
@@ -263,7 +265,7 @@ def test_index_kl_loss_explicit(mesh_name, mode, inputs):
 
 
 # --------------------------------------------------------------------------------------
-# (b) Auto sharding: XLA's partitioner on the plain jnp implementation
+# (b) Auto sharding: jit with in_shardings and no explicit mesh
 # --------------------------------------------------------------------------------------
 
 
@@ -330,13 +332,111 @@ def test_auto_sharding_never_gathers_inputs(program, auto_run):
     assert offending == [], offending
 
 
-def test_auto_sharding_forward_has_no_all_gather(auto_run):
-    """Ideally the auto-sharded forward moves nothing but the KL all-reduce."""
-    gathers = _collective_lines(auto_run["forward_hlo"], "all-gather")
-    if gathers and all('top_k"' in g or "/top_k" in g for g in gathers):
-        pytest.xfail(
-            "XLA's SPMD partitioner (jax 0.10.2, CPU) does not partition lax.top_k along its "
-            "sharded batch/head dimensions: it all-gathers the block-score operand "
-            f"[B, C, Hkv, S/block_size] of the reference selection: {[_result_shape(g) for g in gathers]}"
-        )
-    assert gathers == []
+def test_auto_sharding_has_no_all_gather(auto_run):
+    """Nothing is gathered at all, forward or backward: every implementation call is split
+    over batch and heads by msa_jax.partitioning (the reference's lax.top_k, which XLA's own
+    partitioner would gather, never reaches it unsplit)."""
+    for program in ("forward", "vag"):
+        gathers = _collective_lines(auto_run[f"{program}_hlo"], "all-gather")
+        assert gathers == [], (program, gathers)
+
+
+# --------------------------------------------------------------------------------------
+# (c) Auto sharding through custom_partitioning, for every implementation that runs here
+# --------------------------------------------------------------------------------------
+
+# Pallas tiles want powers of two >= 16 for Di and the block.
+AUTO_DI, AUTO_BLOCK = 16, 16
+
+
+@pytest.fixture
+def split_spy(monkeypatch):
+    """Records what each partition callback decided: (batch axes, head axes) per call."""
+    from msa_jax import partitioning
+
+    seen = []
+    real = partitioning._split_axes
+
+    def spy(mesh, infos, layouts):
+        seen.append(real(mesh, infos, layouts))
+        return seen[-1]
+
+    monkeypatch.setattr(partitioning, "_split_axes", spy)
+    return seen
+
+
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+def test_auto_sharding_custom_partitioning(implementation, split_spy):
+    """value_and_grad of sparse_attention under jit with in_shardings (Auto mesh 2x2, batch
+    over "data", heads over "model"): equals the unsharded xla call; the partition callback
+    split every implementation call (select, attention fwd/bwd, KL fwd/bwd) over both axes;
+    the compiled program gathers nothing; index_k's gradient is all-reduced over "model" alone
+    at its local shape [B/2, S, Di], and the KL sum over all four devices."""
+    rng = np.random.default_rng(7)
+    batch = 2
+    shapes = dict(q=(batch, T, HQ, D), k=(batch, S, HKV, D), v=(batch, S, HKV, D),
+                  index_q=(batch, T, HKV, AUTO_DI), index_k=(batch, S, AUTO_DI), w_out=(batch, T, HQ, D))
+    args = [jnp.asarray(rng.standard_normal(s), jnp.float32) for s in shapes.values()]
+
+    def loss(q, k, v, index_q, index_k, w_out, impl):
+        r = msa_jax.sparse_attention(q, k, v, index_q, index_k, top_k=TOP_K, block_size=AUTO_BLOCK,
+                                     implementation=impl)
+        return jnp.sum(r.out * w_out) + r.kl_loss, r
+
+    f = jax.value_and_grad(loss, argnums=range(5), has_aux=True)
+    (want_value, want), want_grads = jax.jit(f, static_argnums=6)(*args, "xla")
+    assert int(jnp.max(want.block_indices)) >= TOP_K - 1  # blocks other than the local one chosen
+
+    mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    s4, s3 = NamedSharding(mesh, P("data", None, "model", None)), NamedSharding(mesh, P("data", None, None))
+    shardings = [s3 if n == "index_k" else s4 for n in shapes]
+    compiled = jax.jit(f, in_shardings=shardings, static_argnums=6).lower(*args, implementation).compile()
+    (value, got), grads = compiled(*args)
+    hlo = compiled.as_text()
+
+    tol = dict(rtol=1e-5, atol=1e-5)  # Pallas sums in another order than the reference
+    np.testing.assert_allclose(value, want_value, **tol)
+    for name, g, w in zip(("out", "kl_loss", "block_indices", "lse"), got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), err_msg=name, **tol)
+    for name, g, w in zip(shapes, grads, want_grads):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), err_msg=f"d{name}", **tol)
+
+    assert len(split_spy) >= 5, split_spy
+    assert set(split_spy) == {(("data",), ("model",))}, split_spy
+    assert _collective_lines(hlo, "all-gather") == []
+    reduces = _collective_lines(hlo, "all-reduce")
+    local_ik = f"f32[{batch // 2},{S},{AUTO_DI}]"
+    assert any(local_ik in line for line in reduces), reduces
+    assert not any(f"f32[{batch},{S},{AUTO_DI}]" in line for line in reduces), reduces
+
+
+def test_explicit_mesh_pallas():
+    """The explicit-mesh path (shard_map) runs the Pallas kernels too: value_and_grad equals
+    the unsharded xla call and nothing is gathered. (Pallas declares its outputs without a
+    varying-axes type, so the shard_map runs with check_vma=False; index_k's gradient is then
+    summed over the head axis by shard_map's transpose, which this pins down.)"""
+    rng = np.random.default_rng(11)
+    batch = 2
+    shapes = ((batch, T, HQ, D), (batch, S, HKV, D), (batch, S, HKV, D), (batch, T, HKV, AUTO_DI),
+              (batch, S, AUTO_DI), (batch, T, HQ, D))
+    args = [jnp.asarray(rng.standard_normal(s), jnp.float32) for s in shapes]
+
+    def loss(q, k, v, index_q, index_k, w_out, impl):
+        r = msa_jax.sparse_attention(q, k, v, index_q, index_k, top_k=TOP_K, block_size=AUTO_BLOCK,
+                                     implementation=impl)
+        return jnp.sum(r.out * w_out) + r.kl_loss, r.out
+
+    f = jax.value_and_grad(loss, argnums=range(5), has_aux=True)
+    (want_value, want_out), want_grads = jax.jit(f, static_argnums=6)(*args, "xla")
+    mesh = _explicit_mesh("data2xmodel2")
+    _, _, _, spec, ik_spec = MESHES["data2xmodel2"]
+    with jax.set_mesh(mesh):
+        sharded = [_put(mesh, a, ik_spec if a.ndim == 3 else spec) for a in args]
+        compiled = jax.jit(f, static_argnums=6).lower(*sharded, "pallas").compile()
+        (value, out), grads = compiled(*sharded)
+    tol = dict(rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(value, want_value, **tol)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want_out), **tol)
+    for name, g, w in zip(("q", "k", "v", "index_q", "index_k"), grads, want_grads):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), err_msg=f"d{name}", **tol)
+    assert _collective_lines(compiled.as_text(), "all-gather") == []

@@ -1,0 +1,121 @@
+"""Context parallelism (msa_jax/context_parallel.py) on 4 host CPU devices.
+
+Pins down: the sequence split over a mesh axis in zig-zag order gives the same out, lse,
+block_indices, kl_loss and gradients (q, k, v, index_q, index_k) as the unsharded
+`sparse_attention` on the natural-order inputs, in both modes; what crosses devices is
+exactly what the README says (all-gathers of K, V and index_k forward, reduce-scatters of
+their gradients backward, scalar all-reduces) and never q or index_q.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+# Normally set by conftest.py; repeated so this file also runs alone. Must precede jax.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import msa_jax  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    jax.device_count() < 4,
+    reason=f"needs 4 devices, found {jax.device_count()}: set "
+    "XLA_FLAGS=--xla_force_host_platform_device_count=4 before jax is imported",
+)
+
+N = 4  # devices on the sequence axis
+B, S, HQ, HKV, D, DI = 2, 64, 4, 2, 16, 12  # Di 12 != D 16: HLO shapes tell index_k from K
+BLOCK, TOP_K = 8, 3  # 8 blocks, chunks of S / (2N) = 8 tokens
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _natural(x):
+    return np.asarray(msa_jax.unzigzag(np.asarray(x), N))
+
+
+def _collectives(hlo, op):
+    pattern = re.compile(rf"=\s*(\w+\[[\d,]*\])\S*\s{re.escape(op)}(?:-start)?\(")
+    return [m.group(1) for m in map(pattern.search, hlo.splitlines()) if m]
+
+
+def test_zigzag_layout():
+    """Device d of N holds chunks d and 2N-1-d; unzigzag inverts zigzag."""
+    x = np.arange(2 * N * 3)[None]  # chunks of 3 tokens
+    z = np.asarray(msa_jax.zigzag(x, N))
+    for d, shard in enumerate(z[0].reshape(N, 2, 3)):
+        np.testing.assert_array_equal(shard[0], np.arange(3) + 3 * d)
+        np.testing.assert_array_equal(shard[1], np.arange(3) + 3 * (2 * N - 1 - d))
+    np.testing.assert_array_equal(_natural(z), x)
+
+
+# (implementation, mode, B, Di, block): Pallas tiles want Di and the block >= 16 (powers of
+# two); its chunks of 8 tokens then start mid-block, which the kernels must handle.
+CASES = [("xla", "sparse", B, DI, BLOCK), ("xla", "dense", B, DI, BLOCK), ("pallas", "sparse", 1, 16, 16)]
+
+
+@pytest.mark.parametrize("implementation, mode, B, DI, BLOCK", CASES)
+def test_matches_one_device(implementation, mode, B, DI, BLOCK):
+    """value_and_grad of context_parallel_sparse_attention (sequence over 4 devices) equals
+    sparse_attention on one device (the xla reference); outputs stay sequence-sharded; only
+    K, V and index_k are gathered and only their gradients reduce-scattered."""
+    rng = np.random.default_rng(3)
+    normal = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
+    q, k, v = normal(B, S, HQ, D), normal(B, S, HKV, D), normal(B, S, HKV, D)
+    index_q, index_k, w = normal(B, S, HKV, DI), normal(B, S, DI), normal(B, S, HQ, D)
+    opts = dict(top_k=TOP_K, block_size=BLOCK, mode=mode, kl_coeff=0.5)
+
+    def loss_one(q, k, v, index_q, index_k):
+        r = msa_jax.sparse_attention(q, k, v, index_q, index_k, implementation="xla", **opts)
+        return jnp.sum(r.out * w) + r.kl_loss, r
+
+    mesh = jax.make_mesh((N,), ("seq",))
+    w_zz = msa_jax.zigzag(w, N)
+
+    def loss_cp(q, k, v, index_q, index_k):
+        r = msa_jax.context_parallel_sparse_attention(q, k, v, index_q, index_k, mesh=mesh, axis="seq",
+                                                      implementation=implementation, **opts)
+        return jnp.sum(r.out * w_zz) + r.kl_loss, r
+
+    (want_value, want), want_grads = jax.jit(jax.value_and_grad(loss_one, argnums=range(5), has_aux=True))(
+        q, k, v, index_q, index_k)
+    assert float(want.kl_loss) > 0.0 and int(jnp.max(want.block_indices)) >= TOP_K - 1
+
+    args = [jax.device_put(msa_jax.zigzag(x, N), NamedSharding(mesh, P(None, "seq")))
+            for x in (q, k, v, index_q, index_k)]
+    compiled = jax.jit(jax.value_and_grad(loss_cp, argnums=range(5), has_aux=True)).lower(*args).compile()
+    (value, got), grads = compiled(*args)
+
+    tol = dict(rtol=RTOL, atol=ATOL if implementation == "xla" else 1e-5)  # Pallas sums in another order
+    np.testing.assert_allclose(value, want_value, rtol=RTOL)
+    np.testing.assert_allclose(got.kl_loss, want.kl_loss, rtol=RTOL)
+    np.testing.assert_array_equal(_natural(got.block_indices), np.asarray(want.block_indices))
+    np.testing.assert_allclose(_natural(got.out), want.out, **tol)
+    np.testing.assert_allclose(_natural(got.lse), want.lse, **tol)
+    for name, g, wg in zip(("q", "k", "v", "index_q", "index_k"), grads, want_grads):
+        np.testing.assert_allclose(_natural(g), wg, err_msg=f"d{name}", **tol)
+    assert tuple(got.out.sharding.spec)[:2] == (None, "seq"), got.out.sharding
+
+    hlo = compiled.as_text()
+    kv_full, ik_full = f"f32[{B},{S},{HKV},{D}]", f"f32[{B},{S},{DI}]"
+    kv_local, ik_local = f"f32[{B},{S // N},{HKV},{D}]", f"f32[{B},{S // N},{DI}]"
+    assert sorted(_collectives(hlo, "all-gather")) == sorted([kv_full, kv_full, ik_full])
+    assert sorted(_collectives(hlo, "reduce-scatter")) == sorted([kv_local, kv_local, ik_local])
+    assert set(_collectives(hlo, "all-reduce")) <= {"f32[]", "(f32[],f32[])"}
+
+
+def test_rejects_bad_layouts():
+    mesh = jax.make_mesh((N,), ("seq",))
+    x = jnp.zeros((1, 20, 2, 16))  # 20 is not a multiple of 2 * 4
+    ik = jnp.zeros((1, 20, 16))
+    with pytest.raises(ValueError, match="multiple of 2 \\* num_shards"):
+        msa_jax.context_parallel_sparse_attention(x, x, x, x, ik, mesh=mesh, axis="seq", block_size=8)
+    with pytest.raises(ValueError, match="not an axis of the mesh"):
+        msa_jax.context_parallel_sparse_attention(x, x, x, x, ik, mesh=mesh, axis="data", block_size=8)
