@@ -126,7 +126,11 @@ def run(op: str, call: CallInfo, names: Sequence[str], fn: Callable[[Implementat
 
 def _auto_sharded(impl: Implementation) -> Implementation:
     """impl with its methods split by jit's partitioner over batch and heads
-    (partitioning.py); imported here because partitioning builds on this module."""
+    (partitioning.py); imported here because partitioning builds on this module. With one
+    device there is nothing to split: impl as it is, so a single-device program holds the
+    implementation's own calls, unchanged."""
+    if jax.device_count() < 2:
+        return impl
     from .partitioning import AutoSharded
 
     return AutoSharded(impl)
