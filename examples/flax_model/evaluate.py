@@ -152,6 +152,26 @@ def evaluate(model, tokenizer, *, context: int, windows: int, modes=MODES, depth
     return out
 
 
+def summary(results: dict) -> str:
+    """The results as a few lines of text: perplexity and passkey accuracy per mode."""
+    lines = [f"context {results['context']} tokens = {results['budgets_per_context']:.1f} budgets of top_k "
+             f"{results['top_k']} x block {results['block_size']}; text: {results['text']['source']}, "
+             f"{results['text']['rows']} rows"]
+    dense = results["perplexity"].get("dense")
+    for mode, p in results["perplexity"].items():
+        line = f"{mode:>6}: perplexity {p['ppl']:.3f}"
+        if "ppl_beyond_budget" in p:
+            line += f", beyond the budget {p['ppl_beyond_budget']:.3f} ({p['tokens_beyond_budget']} tokens)"
+        if mode != "dense" and dense:
+            line += f"; vs dense {100 * (p['ppl'] / dense['ppl'] - 1):+.2f}%"
+            if "ppl_beyond_budget" in p:
+                line += f" (beyond the budget {100 * (p['ppl_beyond_budget'] / dense['ppl_beyond_budget'] - 1):+.2f}%)"
+        if mode in results["passkey"]:
+            line += f"; passkey {results['passkey'][mode]['accuracy']:.0%}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", help="a convert.py output or a train_converted.py --ckpt-dir")
@@ -169,7 +189,7 @@ def main(argv=None):
                        depths=args.passkey_depths, text_files=args.text_files)
     results.update(model=os.path.abspath(args.model), backend=jax.default_backend(), jax_version=jax.__version__,
                    date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    print(json.dumps({k: v for k, v in results.items() if k not in ("passkey",)}, indent=1))
+    print(summary(results))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
