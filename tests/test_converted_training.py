@@ -215,3 +215,18 @@ def test_train_converted_cli(converted, tmp_path):
     model, cfg = tc.load_model(ckpt)
     assert cfg.steps == 2 and model.cfg.top_k == TOP_K
     assert jax.tree.leaves(nnx.state(model))  # loads into a usable model
+
+
+def test_generate_text_prompt_and_eos(converted, capsys):
+    import generate as gen
+
+    model = conv.load_converted(converted)
+    tok = text_data.load_tokenizer(converted)
+    ids = np.asarray(tok.encode("The grass is").ids, np.int32)
+    free = gen.generate(model, ids, 6)
+    # Stopping at an id the greedy continuation produces at step 3 ends generation there.
+    stopped = gen.generate(model, ids, 6, eos_id=int(free[2]))
+    np.testing.assert_array_equal(stopped, free[:list(free).index(free[2]) + 1])
+    gen.main(["--ckpt-dir", converted, "--prompt", "The grass is", "--max-new-tokens", "6"])
+    out = capsys.readouterr().out
+    assert out.startswith("The grass is") and out.rstrip("\n") == "The grass is" + tok.decode(free.tolist())
