@@ -140,10 +140,8 @@ def evaluate(model, tokenizer, *, context: int, windows: int, modes=MODES, depth
         if depths:
             out["passkey"][mode] = passkey(model, tokenizer, context=context, depths=depths, mode=mode)
         if progress:
-            pk = out["passkey"].get(mode, {}).get("accuracy")
-            p = out["perplexity"][mode]
-            print(f"{mode:>6}: perplexity {p['ppl']:.3f} (beyond the budget: {p.get('ppl_beyond_budget', 'n/a')})"
-                  f", passkey {pk} | {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+            print(f"{mode}: evaluated in {time.perf_counter() - t0:.0f}s (perplexity "
+                  f"{out['perplexity'][mode]['ppl']:.3f})", file=sys.stderr)
     if "dense" in out["perplexity"] and "sparse" in out["perplexity"]:
         d, s = out["perplexity"]["dense"], out["perplexity"]["sparse"]
         out["sparse_vs_dense_ppl"] = s["ppl"] / d["ppl"] - 1
