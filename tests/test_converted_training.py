@@ -230,3 +230,32 @@ def test_generate_text_prompt_and_eos(converted, capsys):
     gen.main(["--ckpt-dir", converted, "--prompt", "The grass is", "--max-new-tokens", "6"])
     out = capsys.readouterr().out
     assert out.startswith("The grass is") and out.rstrip("\n") == "The grass is" + tok.decode(free.tolist())
+
+
+def test_oracle_blocks_against_a_loop(rng):
+    B, T, Hq, Hkv, D, Bk, K = 1, 40, 4, 2, 8, 4, 3
+    q, k = rng.standard_normal((B, T, Hq, D)), rng.standard_normal((B, T, Hkv, D))
+    seg = np.repeat([[1, 2]], [13, 27], axis=1).astype(np.int32)
+    got = np.asarray(ev.oracle_blocks(q, k, top_k=K, block_size=Bk, segment_ids=seg))
+    start = np.where(np.arange(T) < 13, 0, 13)
+    for i in range(T):
+        keys = [t for t in range(start[i], i + 1)]
+        for g in range(Hkv):
+            mass = {}
+            for h in range(g * Hq // Hkv, (g + 1) * Hq // Hkv):
+                s = np.array([q[0, i, h] @ k[0, t, g] / np.sqrt(D) for t in keys])
+                p = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
+                for t, pt in zip(keys, p):
+                    j = (t - start[i]) // Bk
+                    mass[j] = mass.get(j, 0) + pt / (Hq // Hkv)
+            local = (i - start[i]) // Bk
+            chosen = sorted((j for j in mass if j < local), key=lambda j: (-mass[j], j))[:K - 1]
+            want = chosen + [local] + [-1] * (K - 1 - len(chosen))
+            assert got[0, i, g].tolist() == want, (i, g)
+
+
+def test_oracle_perplexity_is_dense_within_the_budget(converted, packed):
+    model = conv.load_converted(converted)
+    short = text_data.Packed(*(a[:1, :TOP_K * BLOCK] for a in packed))
+    assert ev.perplexity(model, short, "oracle")["ppl"] == pytest.approx(ev.perplexity(model, short, "dense")["ppl"],
+                                                                          rel=1e-5)

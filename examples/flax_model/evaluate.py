@@ -43,7 +43,10 @@ import generate as generate_lib  # noqa: E402
 import text_data  # noqa: E402
 import train_converted  # noqa: E402
 
+import msa_jax  # noqa: E402
+
 MODES = ("dense", "sparse")
+ALL_MODES = MODES + ("oracle",)  # oracle: perplexity only (no cache path), see oracle_blocks
 PASSKEY_INTRO = ("A secret number is hidden somewhere in the long text below. Read everything, find the number "
                  "and remember it: you will be asked for it at the end.\n\n")
 PASSKEY_FILLER = "The river runs to the sea. The hills are green in spring. The town is quiet at night. "
@@ -65,6 +68,9 @@ def _token_nll(model, tokens, targets, segment_ids, mode):
 def perplexity(model, rows: text_data.Packed, mode: str) -> dict:
     """Perplexity of rows (scored one row per call) in `mode`, overall and beyond the budget.
 
+    mode: "dense", "sparse", or "oracle" (sparse attention over `oracle_blocks`: the best the
+    index branch could select by the main branch's own attention mass).
+
     Returns {"ppl", "nll", "tokens", "ppl_beyond_budget", "nll_beyond_budget",
     "tokens_beyond_budget"}; tokens count predicted tokens (loss_mask 1).
     """
@@ -73,7 +79,8 @@ def perplexity(model, rows: text_data.Packed, mode: str) -> dict:
     beyond = np.zeros(2)
     for r in range(rows.tokens.shape[0]):
         one = lambda a: jnp.asarray(a[r: r + 1])  # noqa: E731
-        nll = np.asarray(_token_nll(model, one(rows.tokens), one(rows.targets), one(rows.segment_ids), mode=mode))[0]
+        args = (model, one(rows.tokens), one(rows.targets), one(rows.segment_ids))
+        nll = np.asarray(_oracle_token_nll(*args) if mode == "oracle" else _token_nll(*args, mode=mode))[0]
         mask = rows.loss_mask[r]
         seg = rows.segment_ids[r]
         t = np.arange(seg.size)
@@ -87,6 +94,65 @@ def perplexity(model, rows: text_data.Packed, mode: str) -> dict:
         out.update(nll_beyond_budget=beyond[0] / beyond[1], tokens_beyond_budget=int(beyond[1]))
         out["ppl_beyond_budget"] = float(np.exp(out["nll_beyond_budget"]))
     return {k: float(v) if isinstance(v, np.floating) else v for k, v in out.items()}
+
+
+def oracle_blocks(q, k, *, top_k: int, block_size: int, segment_ids) -> jax.Array:
+    """block_indices [B, T, Hkv, top_k] chosen by the main branch itself: the "oracle" selection.
+
+    Each (query, group) keeps its local block and the top_k - 1 fully visible blocks that
+    hold the most dense attention probability (the group's heads averaged), by the spec's
+    block grid (laid from each document's first token) and output order: chosen ids by
+    descending mass, then the local block, then -1. It shows how good a selection can be
+    at this budget, whatever the index branch learns. q [B, T, Hq, D], k [B, T, Hkv, D].
+    """
+    B, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    t = jnp.arange(T)
+    doc = jax.vmap(lambda s: jax.lax.cummax(jnp.where(jnp.r_[True, s[1:] != s[:-1]], t, 0)))(segment_ids)
+    rel = t[None] - doc  # position within the document, [B, T]
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32),
+                        jnp.repeat(k, Hq // Hkv, axis=2).astype(jnp.float32)) / np.sqrt(D)
+    visible = (doc[:, :, None] == doc[:, None, :]) & (t[None, None, :] <= t[None, :, None])  # [B, T, S]
+    probs = jax.nn.softmax(jnp.where(visible[:, None], logits, -jnp.inf), axis=-1)
+    mass = probs.reshape(B, Hkv, Hq // Hkv, T, T).mean(axis=2)  # [B, Hkv, T, S]
+    nb = T // block_size + 1
+    onehot = jax.nn.one_hot(rel // block_size, nb, dtype=jnp.float32)  # [B, S, nb]
+    scores = jnp.einsum("bgqs,bsj->bqgj", mass, onehot)  # [B, T, Hkv, nb]
+    local = (rel // block_size)[:, :, None]  # [B, T, 1]
+    candidate = jnp.arange(nb)[None, None, None, :] < local[..., None]
+    vals, ids = jax.lax.top_k(jnp.where(candidate, scores, -jnp.inf), top_k - 1)
+    ids = jnp.where(jnp.isfinite(vals), ids, -1)
+    local = jnp.broadcast_to(local[..., None], (B, T, Hkv, 1))
+    rows = jnp.concatenate([ids, local], axis=-1)
+    # Unused slots (-1) go after the local block: move the local block to the first free slot.
+    n = jnp.sum(ids >= 0, axis=-1, keepdims=True)
+    slot = jnp.arange(top_k)[None, None, None, :]
+    return jnp.where(slot < n, rows, jnp.where(slot == n, local, -1)).astype(jnp.int32)
+
+
+@nnx.jit
+def _oracle_token_nll(model, tokens, targets, segment_ids):
+    """Per-token NLL with every MSA layer attending to its oracle_blocks (the model's own layers,
+    the library's block_sparse_attention; the index branch is not used)."""
+    cfg = model.cfg
+    B, T = tokens.shape
+    x = model.embed(tokens)
+    for layer in model.layers:
+        h = layer.input_norm(x)
+        attn = layer.attn
+        if hasattr(attn, "index_q_proj"):
+            _, pos = attn._positions(h, segment_ids, None)
+            q, k, v = attn._qkv(h, pos)
+            blocks = oracle_blocks(q, k, top_k=cfg.top_k, block_size=cfg.block_size, segment_ids=segment_ids)
+            out = msa_jax.block_sparse_attention(q, k, v, blocks, block_size=cfg.block_size, segment_ids=segment_ids,
+                                                 implementation=cfg.implementation)
+            x = x + attn.o_proj(out.reshape(B, T, -1).astype(x.dtype))
+        else:
+            x = x + attn(h, segment_ids=segment_ids).out
+        x = x + layer.mlp(layer.post_attn_norm(x))
+    x = model.final_norm(x)
+    logits = model.embed.attend(x) if model.lm_head is None else model.lm_head(x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
 
 
 def passkey_prompt(tokenizer, context: int, depth: float, key: int) -> np.ndarray:
@@ -137,7 +203,7 @@ def evaluate(model, tokenizer, *, context: int, windows: int, modes=MODES, depth
     for mode in modes:
         t0 = time.perf_counter()
         out["perplexity"][mode] = perplexity(model, rows, mode)
-        if depths:
+        if depths and mode in MODES:
             out["passkey"][mode] = passkey(model, tokenizer, context=context, depths=depths, mode=mode)
         if progress:
             print(f"{mode}: evaluated in {time.perf_counter() - t0:.0f}s (perplexity "
@@ -175,7 +241,9 @@ def main(argv=None):
     p.add_argument("model", help="a convert.py output or a train_converted.py --ckpt-dir")
     p.add_argument("--context", type=int, default=2048, help="tokens per scored row and per passkey prompt")
     p.add_argument("--windows", type=int, default=4, help="rows of held-out text to score")
-    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--modes", nargs="+", choices=ALL_MODES, default=list(MODES),
+                   help="oracle: sparse attention over the blocks the main branch's own attention ranks "
+                        "first (perplexity only)")
     p.add_argument("--passkey-depths", type=float, nargs="*", default=[0.1, 0.3, 0.5, 0.7, 0.9],
                    help="relative needle depths (none: skip passkey)")
     p.add_argument("--text-files", nargs="+", help="held-out text (default: text_data.EVAL_TOPICS)")
