@@ -239,6 +239,7 @@ def summary(results: dict) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", help="a convert.py output or a train_converted.py --ckpt-dir")
+    p.add_argument("--step", type=int, help="checkpoint step of a train_converted.py --ckpt-dir (default: the latest)")
     p.add_argument("--context", type=int, default=2048, help="tokens per scored row and per passkey prompt")
     p.add_argument("--windows", type=int, default=4, help="rows of held-out text to score")
     p.add_argument("--modes", nargs="+", choices=ALL_MODES, default=list(MODES),
@@ -249,11 +250,11 @@ def main(argv=None):
     p.add_argument("--text-files", nargs="+", help="held-out text (default: text_data.EVAL_TOPICS)")
     p.add_argument("--out", help="write the results JSON here")
     args = p.parse_args(argv)
-    model, run_cfg = train_converted.load_model(args.model)
+    model, run_cfg = train_converted.load_model(args.model, args.step)
     tokenizer = text_data.load_tokenizer(run_cfg.model_dir if run_cfg else args.model)
     results = evaluate(model, tokenizer, context=args.context, windows=args.windows, modes=args.modes,
                        depths=args.passkey_depths, text_files=args.text_files)
-    results.update(model=os.path.abspath(args.model), backend=jax.default_backend(), jax_version=jax.__version__,
+    results.update(model=os.path.abspath(args.model), step=args.step, backend=jax.default_backend(), jax_version=jax.__version__,
                    date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     print(summary(results))
     if args.out:
