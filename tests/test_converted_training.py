@@ -259,3 +259,26 @@ def test_oracle_perplexity_is_dense_within_the_budget(converted, packed):
     short = text_data.Packed(*(a[:1, :TOP_K * BLOCK] for a in packed))
     assert ev.perplexity(model, short, "oracle")["ppl"] == pytest.approx(ev.perplexity(model, short, "dense")["ppl"],
                                                                           rel=1e-5)
+
+
+def test_interrupt_right_after_a_periodic_save(converted, packed, tmp_path, monkeypatch):
+    """Ctrl-C after the step a periodic save just wrote: the run stops with that checkpoint
+    (saving the same step again used to raise StepAlreadyExistsError)."""
+
+    class StopAfterTwoSteps(tc.train_lib._StopOnInterrupt):
+        reads = 0
+
+        @property
+        def requested(self):
+            StopAfterTwoSteps.reads += 1
+            return StopAfterTwoSteps.reads > 2  # the loop reads it before each step
+
+        @requested.setter
+        def requested(self, value):
+            pass
+
+    monkeypatch.setattr(tc.train_lib, "_StopOnInterrupt", StopAfterTwoSteps)
+    result = tc.warm_up(_cfg(converted, steps=4), ckpt_dir=str(tmp_path), ckpt_every=2, progress=False,
+                        packed=packed)
+    assert result.step == 2
+    assert tc.train_lib.Checkpoints(str(tmp_path), config_cls=tc.WarmupConfig).latest_step() == 2

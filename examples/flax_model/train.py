@@ -374,7 +374,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, ckpt_dir: str | Non
         print(f"interrupted after step {step}" + (": saving; --resume continues" if ckpts else ""), file=sys.stderr)
     nnx.update((model, optimizer), state)
     if ckpts is not None:
-        if step > start or ckpts.latest_step() != step:
+        if ckpts.latest_step() != step:  # a periodic save may already hold this step
             ckpts.save(step, model, optimizer, model_cfg, train_cfg)
         ckpts.close()
     traces = dict(step_fn.traces)

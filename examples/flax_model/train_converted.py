@@ -259,7 +259,7 @@ def warm_up(cfg: WarmupConfig, *, ckpt_dir: str | None = None, ckpt_every: int =
         print(f"interrupted after step {step}" + (": saving; --resume continues" if ckpts else ""), file=sys.stderr)
     nnx.update((model, optimizer), state)
     if ckpts is not None:
-        if step > start or ckpts.latest_step() != step:
+        if ckpts.latest_step() != step:  # a periodic save may already hold this step
             ckpts.save(step, model, optimizer, model.cfg, cfg)
         ckpts.close()
     if step_fn.traces > 1:
