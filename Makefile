@@ -1,6 +1,7 @@
 # The two commands of the README. Each creates .venv (if missing) and installs into it.
 #   make test   install with test extras, run the CPU suite (GPU tests are marked `gpu`)
-#   make demo   install, run the main job
+#   make demo   install without torch, check the kernels briefly, then SmolLM2-135M: fetch,
+#               convert to MSA, answer a prompt through the sparse KV cache, dense vs sparse perplexity
 # MSA_JAX_CUDA=AUTO|ON|OFF chooses whether the CUDA extension is built (see cuda/README.md);
 # these targets default to OFF: the CPU suite and demo do not use it, and CI builds it
 # separately, as a user's `pip install` does (.ci/wheel_check.sh).
@@ -10,7 +11,15 @@ MSA_JAX_CUDA ?= OFF
 # Two workers: the 2-core CI machine is otherwise ~1.3 cores busy.
 PYTEST_ARGS ?= -m "not gpu" -n 2
 
-.PHONY: install test demo clean
+# The demo's model: SmolLM2-135M-Instruct converted with a budget of top_k x block = 256 tokens,
+# so that the 1024-token rows of the perplexity measurement are 4 budgets long.
+DEMO_DIR ?= build/demo
+DEMO_TOP_K ?= 4
+DEMO_BLOCK ?= 64
+DEMO_CONTEXT ?= 1024
+DEMO_PROMPT ?= <|im_start|>user\nWhat is the capital of France? Answer in one sentence.<|im_end|>\n<|im_start|>assistant\n
+
+.PHONY: install install-demo test demo clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,14 +28,28 @@ $(VENV)/bin/python:
 install: $(VENV)/bin/python
 	MSA_JAX_CUDA=$(MSA_JAX_CUDA) $(VENV)/bin/python -m pip install --quiet -e ".[test,examples,hf]"
 
+# What the demo needs: the examples' dependencies, no torch (only tests/test_convert.py and
+# tests/test_fetch_model.py use it, through the `hf` extra that `make install` adds).
+install-demo: $(VENV)/bin/python
+	MSA_JAX_CUDA=$(MSA_JAX_CUDA) $(VENV)/bin/python -m pip install --quiet -e ".[examples]"
+
 test: install
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
-demo: install
+$(DEMO_DIR)/smollm2_hf/model.safetensors: | $(VENV)/bin/python
+	$(VENV)/bin/python examples/flax_model/fetch_model.py $(DEMO_DIR)/smollm2_hf --overwrite
+
+$(DEMO_DIR)/smollm2_msa/model_config.json: $(DEMO_DIR)/smollm2_hf/model.safetensors
+	$(VENV)/bin/python examples/flax_model/convert.py $(DEMO_DIR)/smollm2_hf $(DEMO_DIR)/smollm2_msa \
+		--top-k $(DEMO_TOP_K) --block-size $(DEMO_BLOCK) --overwrite
+
+demo: install-demo
 	$(VENV)/bin/python benchmarks/demo.py
-	rm -rf build/demo_ckpt
-	$(VENV)/bin/python examples/flax_model/train.py --preset cpu --steps 60 --warmup-steps 20 --ckpt-dir build/demo_ckpt
-	$(VENV)/bin/python examples/flax_model/generate.py --ckpt-dir build/demo_ckpt --prompt "def " --max-new-tokens 80 --temperature 0.7 --top-k 20
+	$(MAKE) --no-print-directory $(DEMO_DIR)/smollm2_msa/model_config.json
+	$(VENV)/bin/python examples/flax_model/generate.py --ckpt-dir $(DEMO_DIR)/smollm2_msa \
+		--prompt "$$(printf '$(DEMO_PROMPT)')" --max-new-tokens 40
+	$(VENV)/bin/python examples/flax_model/evaluate.py $(DEMO_DIR)/smollm2_msa --context $(DEMO_CONTEXT) \
+		--windows 2 --passkey-depths --out $(DEMO_DIR)/eval.json
 
 clean:
 	rm -rf $(VENV) build

@@ -16,7 +16,9 @@ loading a pickle runs arbitrary code. Output directory:
     model_config.json   `ModelConfig.to_json()`
     params/             orbax StandardCheckpointer: `nnx.to_pure_dict(nnx.state(model))`, the
                         same tree as train.py's "params" item
-    conversion.json     provenance: source directory, model_type, dtype, index_init, seed
+    conversion.json     provenance: source directory, model_type, dtype, index_init, seed, eos_token_id
+    tokenizer.json      copied from the HF directory when it has one (generate.py --prompt text,
+                        train_converted.py and evaluate.py tokenise with it)
 
 How, in three parts (the Flax gemma example's shape):
   1. `key_map(cfg)`: a pure mapping HF tensor name -> (model parameter path, value hook).
@@ -87,6 +89,7 @@ from msa_jax.nn import RopeScaling
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
 INFO_FILE = "conversion.json"
+TOKENIZER_FILE = "tokenizer.json"  # copied from the HF directory when it has one
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 # What transformers assumes when config.json omits a field (their config classes' defaults;
@@ -517,8 +520,11 @@ def convert(hf_dir: str, out_dir: str | None = None, *, top_k: int = 16, block_s
     model = build_model(cfg, params, DTYPES[dtype])
     if out_dir is not None:
         info = dict(source=os.path.abspath(hf_dir), model_type=hf["model_type"], dtype=dtype,
-                    index_init=index_init, seed=seed)
+                    index_init=index_init, seed=seed, eos_token_id=hf.get("eos_token_id"))
         save(model, out_dir, info, overwrite=overwrite)
+        # The model speaks this tokenizer's ids: keep it with the model for text prompts and data.
+        if os.path.exists(os.path.join(hf_dir, TOKENIZER_FILE)):
+            shutil.copy(os.path.join(hf_dir, TOKENIZER_FILE), os.path.join(out_dir, TOKENIZER_FILE))
     return model, cfg
 
 

@@ -5,10 +5,11 @@
     python examples/flax_model/generate.py --ckpt-dir /tmp/llama_msa --prompt-ids "128000 791 6864" --max-new-tokens 20
     python examples/flax_model/generate.py --ckpt-dir /tmp/msa_ckpt --prompt "def " --prompt "import os" --kv-dtype fp8
 
---ckpt-dir is either kind of directory the example writes (see `load`): a train.py
---ckpt-dir, whose byte-level model takes text (--prompt) or ids, or a convert.py OUT_DIR,
-whose model speaks its HuggingFace tokenizer's ids: pass them with --prompt-ids (tokenize
-with the source model's tokenizer); the new ids are printed, space-separated.
+--ckpt-dir is any directory the example writes (see `load`): a train.py --ckpt-dir, whose
+byte-level model takes text (--prompt) or ids, or a convert.py OUT_DIR (or a
+train_converted.py --ckpt-dir), whose model speaks its HuggingFace tokenizer's ids: --prompt
+text is encoded with the tokenizer.json convert.py kept (generation stops at the model's
+eos id), or pass --prompt-ids, and the new ids are printed, space-separated.
 
 The prompts are prefilled in one call (their k/v/index_k written into the caches), then one
 token per call of a jitted decode step: sparse MSA selects top_k blocks per new token exactly
@@ -25,6 +26,7 @@ import argparse
 import codecs
 import collections
 import functools
+import json
 import os
 import sys
 import time
@@ -87,7 +89,8 @@ def _decode(graphdef, state, token, caches, rng, temperature, *, mode, top_k):
 
 def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0, rng=None, *,
              top_k: int | None = None, mode: str = "sparse", cache_dtype=None, callback=None,
-             return_logits: bool = False, cache: str = "paged", kv_dtype: str | None = None):
+             return_logits: bool = False, cache: str = "paged", kv_dtype: str | None = None,
+             eos_id: int | None = None):
     """Continues the prompts by max_new_tokens tokens with the model's KV caches.
 
     Args:
@@ -105,9 +108,11 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
       cache: "paged" (msa_jax.PagedCache, each sequence its own pages) or "contiguous"
         (one [B, max_len] buffer per layer, equal prompt lengths only).
       kv_dtype: None (cache_dtype), "bf16" or "fp8" (FP8 E4M3 K/V and index-key pages; paged only).
+      eos_id: stop once every row has produced this id (it is included); None: never stop early.
 
     Returns:
-      int32 numpy [B, max_new_tokens] (or [max_new_tokens] for a 1-D prompt); with
+      int32 numpy [B, N] (or [N] for a 1-D prompt), N = max_new_tokens, or fewer when every
+      row reached eos_id (rows that reached it earlier continue past it); with
       return_logits, a pair (tokens, float32 logits [B, max_new_tokens, vocab] or
       [max_new_tokens, vocab]).
 
@@ -148,6 +153,7 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
     common = dict(graphdef=graphdef, mode=mode, top_k=top_k, temperature=temperature)
 
     out, logits = [], []
+    done = np.zeros(B, bool)
     for i in range(max_new_tokens):
         if i == 0:
             token, last, caches = _prefill(state=state, tokens=jnp.asarray(prompt), lengths=jnp.asarray(lengths),
@@ -159,6 +165,10 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
             logits.append(np.asarray(last))
         if callback:
             callback(out[-1])
+        if eos_id is not None:
+            done |= out[-1] == eos_id
+            if done.all():
+                break
     tokens = np.stack(out, axis=1)
     if not return_logits:
         return tokens[0] if squeeze else tokens
@@ -192,6 +202,8 @@ def load(ckpt_dir: str, step: int | None = None):
       - convert.py OUT_DIR, recognised by its `model_config.json`: the converted model via
         `convert.load_converted`, in the dtype it was converted to (parameters and compute);
         TrainConfig is None. It holds a single checkpoint, so `step` must be None.
+      - a train_converted.py --ckpt-dir (its saved settings name a stage): that run's
+        converted model with checkpoint `step`'s parameters; TrainConfig is None.
       - otherwise a train.py --ckpt-dir (orbax CheckpointManager): checkpoint `step`
         (default: the latest), parameters only, built as the run built it (float32
         parameters, the run's compute dtype).
@@ -208,6 +220,11 @@ def load(ckpt_dir: str, step: int | None = None):
         return model, model.cfg, None
     if not os.path.isdir(ckpt_dir):  # CheckpointManager would create it
         raise FileNotFoundError(f"{ckpt_dir}: no such directory")
+    if converted_source(ckpt_dir) != ckpt_dir:  # a train_converted.py run: a converted model, trained on
+        import train_converted
+
+        model, _ = train_converted.load_model(ckpt_dir, step)
+        return model, model.cfg, None
     ckpts = train_lib.Checkpoints(ckpt_dir)
     try:
         model_cfg, train_cfg = ckpts.configs(step)
@@ -218,8 +235,9 @@ def load(ckpt_dir: str, step: int | None = None):
     return model, model_cfg, train_cfg
 
 
-def _prompt(args, model_cfg, byte_vocab: bool) -> tuple[list[np.ndarray], list[str] | None]:
-    """(prompts, each int32 [P_b], and their texts or None for ids) from --prompt / --prompt-ids."""
+def _prompt(args, model_cfg, byte_vocab: bool, tokenizer=None) -> tuple[list[np.ndarray], list[str] | None]:
+    """(prompts, each int32 [P_b], and their texts or None for ids) from --prompt / --prompt-ids;
+    a converted model's text prompts are encoded with its tokenizer (None: ids only)."""
     if args.prompt is not None and args.prompt_ids is not None:
         raise ValueError("pass --prompt (text) or --prompt-ids (token ids), not both")
     if args.prompt_ids is not None:
@@ -237,11 +255,43 @@ def _prompt(args, model_cfg, byte_vocab: bool) -> tuple[list[np.ndarray], list[s
             prompts.append(ids)
         return prompts, None
     if not byte_vocab:
+        if tokenizer is not None and args.prompt is not None:
+            return [np.asarray(tokenizer.encode(t).ids, np.int32) for t in args.prompt], args.prompt
         # Byte tokens are valid ids of a HF vocabulary too: this would run and print noise.
         raise ValueError(f"{args.ckpt_dir} holds a converted model, whose vocabulary is its HuggingFace "
-                         "tokenizer's, not bytes: pass --prompt-ids (ids from the source model's tokenizer)")
+                         "tokenizer's, not bytes: pass --prompt-ids (ids from the source model's tokenizer), "
+                         f"or --prompt text when the directory holds its {convert_lib.TOKENIZER_FILE}")
     texts = ["def "] if args.prompt is None else args.prompt
     return [data.encode(t) for t in texts], texts
+
+
+def converted_source(ckpt_dir: str) -> str:
+    """The convert.py directory a train_converted.py --ckpt-dir started from; else ckpt_dir itself."""
+    if os.path.exists(os.path.join(ckpt_dir, convert_lib.CONFIG_FILE)) or not os.path.isdir(ckpt_dir):
+        return ckpt_dir
+    ckpts = train_lib.Checkpoints(ckpt_dir)
+    try:
+        train = ckpts.raw_config()["train"] if ckpts.latest_step() is not None else {}
+    finally:
+        ckpts.close()
+    return train["model_dir"] if "stage" in train else ckpt_dir
+
+
+def _converted_text(ckpt_dir: str):
+    """(tokenizer or None, eos id or None) of a convert.py directory: the tokenizer.json and the
+    eos_token_id that convert.py keeps from the HF directory, where it had them."""
+    tokenizer = eos_id = None
+    if os.path.exists(os.path.join(ckpt_dir, convert_lib.TOKENIZER_FILE)):
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(os.path.join(ckpt_dir, convert_lib.TOKENIZER_FILE))
+    info = os.path.join(ckpt_dir, convert_lib.INFO_FILE)
+    if os.path.exists(info):
+        with open(info) as f:
+            eos_id = json.load(f).get("eos_token_id")
+    if isinstance(eos_id, list):  # HF allows several; the first is the one a chat turn ends with
+        eos_id = eos_id[0] if eos_id else None
+    return tokenizer, eos_id
 
 
 def main(argv=None):
@@ -249,8 +299,8 @@ def main(argv=None):
     p.add_argument("--ckpt-dir", required=True, help="a train.py --ckpt-dir or a convert.py OUT_DIR")
     p.add_argument("--step", type=int, help="train.py checkpoint step (default: the latest)")
     p.add_argument("--prompt", action="append",
-                   help='text, as byte tokens (train.py models only; default "def "); repeat it for a batch of '
-                        "prompts of different lengths")
+                   help='text: byte tokens for a train.py model (default "def "), the tokenizer.json\'s ids for a '
+                        "convert.py directory that holds one; repeat it for a batch of prompts of different lengths")
     p.add_argument("--prompt-ids", action="append",
                    help="prompt token ids, space- or comma-separated (repeatable); the new ids are printed")
     p.add_argument("--max-new-tokens", type=int, default=100)
@@ -264,23 +314,35 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     model, model_cfg, train_cfg = load(args.ckpt_dir, args.step)
-    prompts, texts = _prompt(args, model_cfg, byte_vocab=train_cfg is not None)  # train.py models are byte-level
+    tokenizer, eos_id = _converted_text(converted_source(args.ckpt_dir)) if train_cfg is None else (None, None)
+    # train.py models are byte-level; a converted one reads text through its tokenizer, if it has one.
+    prompts, texts = _prompt(args, model_cfg, byte_vocab=train_cfg is not None, tokenizer=tokenizer)
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     stream = len(prompts) == 1  # one sequence streams as it is produced; a batch prints at the end
     if stream:
         sys.stdout.write(texts[0] if texts else "")
         sys.stdout.flush()
+    produced = []  # a converted model's ids so far: its text is decoded from them all (multi-token characters)
+
+    def as_text(ids):
+        return tokenizer.decode([int(t) for t in ids], skip_special_tokens=False)
 
     def show(token):
         if texts is None:
             sys.stdout.write(f"{int(token[0])} ")
+        elif tokenizer is not None:
+            if eos_id is not None and eos_id in produced:
+                return
+            before = as_text(produced)
+            produced.append(int(token[0]))
+            sys.stdout.write(as_text(produced)[len(before):])
         else:
             sys.stdout.write(utf8.decode(bytes(int(t) for t in token if t < 256)))
         sys.stdout.flush()
 
     start = time.perf_counter()
     new = generate(model, prompts, args.max_new_tokens, args.temperature, jax.random.key(args.seed), top_k=args.top_k,
-                   mode=args.mode, callback=show if stream else None, kv_dtype=args.kv_dtype)
+                   mode=args.mode, callback=show if stream else None, kv_dtype=args.kv_dtype, eos_id=eos_id)
     seconds = time.perf_counter() - start
     if stream:
         sys.stdout.write(utf8.decode(b"", final=True) + "\n")
@@ -288,10 +350,13 @@ def main(argv=None):
         for b, row in enumerate(new):
             if texts is None:
                 print(f"[{b}] " + " ".join(str(int(t)) for t in row))
+            elif tokenizer is not None:
+                row = list(row)
+                print(f"[{b}] {texts[b]}" + as_text(row[:row.index(eos_id) + 1] if eos_id in row else row))
             else:
                 print(f"[{b}] {texts[b]}" + bytes(int(t) for t in row if t < 256).decode("utf-8", errors="replace"))
     lengths = ", ".join(str(len(p)) for p in prompts)
-    print(f"[{args.max_new_tokens} tokens x {len(prompts)} in {seconds:.2f}s including compilation; prompt tokens "
+    print(f"[{new.shape[-1]} tokens x {len(prompts)} in {seconds:.2f}s including compilation; prompt tokens "
           f"{lengths}; {args.mode} attention, top_k {model_cfg.top_k} x block {model_cfg.block_size}, paged "
           f"{args.kv_dtype or 'model-dtype'} caches]", file=sys.stderr)
 

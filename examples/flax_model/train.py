@@ -198,9 +198,12 @@ class Checkpoints:
     synchronous so that a returned save is on disk (and the donated state may be reused).
     """
 
-    def __init__(self, directory: str, max_to_keep: int = 3):
+    def __init__(self, directory: str, max_to_keep: int = 3, config_cls=None):
+        """config_cls: the dataclass of the run's settings (default TrainConfig; train_converted.py
+        saves its WarmupConfig here)."""
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True)
         self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+        self.config_cls = TrainConfig if config_cls is None else config_cls
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -213,11 +216,14 @@ class Checkpoints:
             config=ocp.args.JsonSave(config),
         ), force=True)
 
+    def raw_config(self, step: int | None = None) -> dict:
+        """The JSON saved with checkpoint `step` (default: the latest): {"model": ..., "train": ...}."""
+        return self.manager.restore(self._step(step), args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
     def configs(self, step: int | None = None) -> tuple[ModelConfig, TrainConfig]:
-        """(ModelConfig, TrainConfig) saved with checkpoint `step` (default: the latest)."""
-        step = self._step(step)
-        config = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-        return ModelConfig(**config["model"]), TrainConfig(**config["train"])
+        """(ModelConfig, the run's config_cls) saved with checkpoint `step` (default: the latest)."""
+        config = self.raw_config(step)
+        return ModelConfig(**config["model"]), self.config_cls(**config["train"])
 
     def restore(self, model, optimizer=None, step: int | None = None) -> int:
         """Loads checkpoint `step` (default: the latest) into model (and optimizer); returns the step."""
@@ -368,7 +374,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, ckpt_dir: str | Non
         print(f"interrupted after step {step}" + (": saving; --resume continues" if ckpts else ""), file=sys.stderr)
     nnx.update((model, optimizer), state)
     if ckpts is not None:
-        if step > start or ckpts.latest_step() != step:
+        if ckpts.latest_step() != step:  # a periodic save may already hold this step
             ckpts.save(step, model, optimizer, model_cfg, train_cfg)
         ckpts.close()
     traces = dict(step_fn.traces)
