@@ -72,8 +72,7 @@ ffi::Error SparseAttentionBwd(cudaStream_t stream,
   }
   // The kernel adds into its outputs: start them at zero (rows no entry names stay zero).
   for (auto* out : {&dq, &dk, &dv}) {
-    cudaError_t err = cudaMemsetAsync((*out)->untyped_data(), 0, (*out)->size_bytes(), stream);
-    if (err != cudaSuccess) return launch_error(kOp, err);
+    if (ffi::Error err = ZeroOutput(kOp, *out, stream); err.failure()) return err;
   }
   AttentionBwdParams params;
   FillAttentionParams(params, n, q, k, v, last_visible, entry_query, entry_slot, item_start, item_count, item_tile,
@@ -85,8 +84,7 @@ ffi::Error SparseAttentionBwd(cudaStream_t stream,
   params.dk = dk->typed_data();
   params.dv = dv->typed_data();
   params.deterministic = deterministic;
-  const ElementType element = dtype == ffi::DataType::BF16 ? ElementType::kBFloat16 : ElementType::kFloat16;
-  return launch_error(kOp, launch_attention_bwd_sm90(params, element, stream));
+  return launch_error(kOp, launch_attention_bwd_sm90(params, ElementTypeOf(dtype), stream));
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "handlers.h"
+#include "msa/launch.h"
 #include "msa/params.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -82,6 +83,17 @@ inline xla::ffi::Error CheckAttentionCall(
   }
   sizes = AttentionCallSizes{B, T, Hq, D, S, Hkv, E, I, chunk, R};
   return xla::ffi::Error::Success();
+}
+
+// The kernels' element type of q / k / v (the handlers accept bf16 and fp16 only).
+inline ElementType ElementTypeOf(xla::ffi::DataType dtype) {
+  return dtype == xla::ffi::DataType::BF16 ? ElementType::kBFloat16 : ElementType::kFloat16;
+}
+
+// Zeroes a float32 output the kernel adds into (or writes only in part), on the call's stream.
+inline xla::ffi::Error ZeroOutput(const char* op, xla::ffi::Result<xla::ffi::Buffer<xla::ffi::F32>>& out,
+                                  cudaStream_t stream) {
+  return launch_error(op, cudaMemsetAsync(out->untyped_data(), 0, out->size_bytes(), stream));
 }
 
 // The KVOuterParams part of a kernel's parameter struct (msa/params.h).

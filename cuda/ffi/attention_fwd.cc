@@ -57,8 +57,7 @@ ffi::Error SparseAttentionPartials(cudaStream_t stream,
                       q_base, top_k, block_size, softmax_scale);
   params.out_partial = out_partial->untyped_data();
   params.lse_partial = lse_partial->typed_data();
-  const ElementType element = dtype == ffi::DataType::BF16 ? ElementType::kBFloat16 : ElementType::kFloat16;
-  return launch_error(kOp, launch_attention_fwd_sm90(params, element, stream));
+  return launch_error(kOp, launch_attention_fwd_sm90(params, ElementTypeOf(dtype), stream));
 }
 
 }  // namespace

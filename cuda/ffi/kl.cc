@@ -81,12 +81,8 @@ ffi::Error CheckInputs(const char* op, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::
   params.d_index_k = nullptr;
   params.grad = false;
   params.deterministic = false;
-  element = dtype == ffi::DataType::BF16 ? ElementType::kBFloat16 : ElementType::kFloat16;
+  element = ElementTypeOf(dtype);
   return ffi::Error::Success();
-}
-
-ffi::Error Zero(const char* op, void* data, size_t bytes, cudaStream_t stream) {
-  return launch_error(op, cudaMemsetAsync(data, 0, bytes, stream));
 }
 
 ffi::Error KLPartials(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::Buffer<ffi::F32> lse,
@@ -111,9 +107,7 @@ ffi::Error KLPartials(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, f
                                        dims_str(partial->dimensions()));
   }
   // Entries the work list leaves out are never written: start them at zero.
-  if (ffi::Error err = Zero(kValueOp, partial->untyped_data(), partial->size_bytes(), stream); err.failure()) {
-    return err;
-  }
+  if (ffi::Error err = ZeroOutput(kValueOp, partial, stream); err.failure()) return err;
   params.partial = partial->typed_data();
   return launch_error(kValueOp, launch_kl_sm90(params, element, stream));
 }
@@ -153,9 +147,7 @@ ffi::Error KLBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::B
   }
   // The kernel adds into its outputs: start them at zero (rows no entry names stay zero).
   for (auto* out : {&d_index_q, &d_index_k}) {
-    if (ffi::Error err = Zero(kGradOp, (*out)->untyped_data(), (*out)->size_bytes(), stream); err.failure()) {
-      return err;
-    }
+    if (ffi::Error err = ZeroOutput(kGradOp, *out, stream); err.failure()) return err;
   }
   params.ilse = ilse.typed_data();
   params.d_index_q = d_index_q->typed_data();
