@@ -150,9 +150,9 @@ def shard_local(fn, args, layouts, out_layouts, *, summed_outputs=()):
     holds whole GQA groups), anything else unsharded. Arguments that are None stay None. The
     mesh axes come from the first argument's sharding in explicit-sharding mode
     (`jax.set_mesh` with `AxisType.Explicit`). Outputs listed in `summed_outputs` are
-    scalars summed over every shard. With no explicit mesh the call runs as is: `run` gave
-    fn an implementation whose every call is a custom_partitioning op (partitioning.py),
-    which jit's partitioner splits over batch and heads. Inside this shard_map those ops
+    scalars summed over every shard. With no explicit mesh the call runs as is: with
+    several devices `run` gave fn an implementation whose every call is a custom_partitioning
+    op (partitioning.py), which jit's partitioner splits over batch and heads. Inside this shard_map those ops
     lower to the plain call.
     """
     mesh = jax.sharding.get_abstract_mesh()
