@@ -23,6 +23,9 @@
 #   bench-B        the same for config B (BENCH_OPS="indexer sparse_fwd msa_fwd": forward ops only)
 #   breakdown      the forward's stages (work list, kernel, combine) at 32K and 128K, config A
 #                  (BREAKDOWN_IMPLS="cuda" for fewer; ITEM_STEPS="32 64" sweeps cuda's work-item length)
+#   breakdown-kl   breakdown_kl.py: the KL's work list, value pass and value + gradient alone, cuda, 32K and 128K
+#   profile-train  profile_ops.py: GPU time per kernel of msa_fwd_bwd_kl (cuda) and cuDNN's dense fwd+bwd
+#                  (PROFILE_OPS, PROFILE_N), config A, 32K and 128K, one JSON per case
 #   train-32k      issue #3's measurement: the GPU preset's train step at 32K tokens, MSA with
 #                  implementation="cuda" (2 dense warm-up steps, then sparse) and the same model with
 #                  dense cuDNN attention, one metrics JSON each (tokens/s per mode, first step excluded)
@@ -113,6 +116,12 @@ for step in "$@"; do
       # shellcheck disable=SC2086 (lists)
       run breakdown python3 benchmarks/breakdown_fwd.py --config A --n 32768 131072 --impl ${BREAKDOWN_IMPLS:-cuda pallas} \
         ${ITEM_STEPS:+--item-steps $ITEM_STEPS} ;;
+    breakdown-kl)
+      run breakdown-kl python3 benchmarks/breakdown_kl.py --config A --n 32768 131072 --impl cuda ;;
+    profile-train)
+      # shellcheck disable=SC2086 (PROFILE_OPS is a list)
+      run profile-train python3 benchmarks/profile_ops.py --config A --n ${PROFILE_N:-32768 131072} \
+        --ops ${PROFILE_OPS:-msa_fwd_bwd_kl dense_fwd_bwd} --impl cuda --out "$OUT" ;;
     train-32k)
       for variant in "msa --implementation cuda" "dense-cudnn"; do
         name=train-32k-${variant%% *}
