@@ -10,13 +10,16 @@
 // One CTA per work item: one 128-key tile of kv head g and up to `count` (query, slot)
 // entries that selected it. K and the tile's index keys are loaded once (TMA). A step covers
 // 64 matrix rows, 64 / G query tokens x G heads; the student's rows are laid out the same
-// way (each token's index_q row gathered once per head), so every thread owns whole rows of
-// both and all 128 threads of a warpgroup share the elementwise work whatever G is:
+// way (a token's index_q is gathered into its first, "lead", row only; the other rows stay
+// zero), so one MMA shape serves both:
 //   S = Q Kᵀ, P(row) = exp(s S - lse) (exact: lse is the row's over its whole support),
-//   U = IQ Kiᵀ, P̄(token) = the mean of P over the token's G rows (for G > 1 through fp32
-//   shared memory: P in, one balanced pass writes P̄ per token, every row reads its token's),
-//   then the value partials or du. A token's G rows hold the same u and du; the first
-//   (lead) row writes the token's partials and d index_q, and only its du enters d index_k.
+//   U = IQ Kiᵀ (only lead rows matter).
+// Then everything per token happens once per token, not once per head row: for G > 1 the
+// rows' P and the lead rows' u go to fp32 shared memory and a token pass (one warp per
+// token, two keys per lane) forms P̄ = the mean of the token's G rows and computes the value
+// partials or du = R - P̄ from it; for G = 1 every row is its own token and the same work
+// runs in registers. du goes to shared memory as bf16 at the token's lead row, where both
+// d index_q = du Ki and d index_k = duᵀ IQ read it.
 // Roles as in the backward (attention_bwd_sm90.cuh): warpgroup 0 gathers q and index_q rows by
 // cp.async (warp w < kStages fills steps w, w + kStages, ...; lane 0 of warp 0 issues the
 // TMA); warpgroups 1 and 2 each own one 64-key half of the tile and take every step.
@@ -94,9 +97,12 @@ struct Config {
   using MmaU = decltype(make_tiled_mma(
       GMMA::ss_op_selector<IndexElement, IndexElement, float, Shape<Int<kRows>, Int<kHalf>, Int<kDi>>,
                            GMMA::Major::K, GMMA::Major::K>()));
-  // d index_q share = du Ki: du from registers, Ki read MN-major.
+  // The same buffer as (M = token rows, K = keys), keys contiguous: the A operand of d index_q.
+  using SmemLayoutDU = decltype(composition(
+      SmemLayoutDUt{}, make_ordered_layout(Shape<Int<kRows>, Int<kHalf>>{}, Step<_2, _1>{})));
+  // d index_q share = du Ki: du and Ki (read MN-major) from shared memory.
   using MmaDIQ = decltype(make_tiled_mma(
-      GMMA::rs_op_selector<IndexElement, IndexElement, float, Shape<Int<kRows>, Int<kDi>, Int<kHalf>>,
+      GMMA::ss_op_selector<IndexElement, IndexElement, float, Shape<Int<kRows>, Int<kDi>, Int<kHalf>>,
                            GMMA::Major::K, GMMA::Major::MN>()));
   // d index_k += duᵀ IQ: M = the half's keys, N = Di, K = the step's token rows.
   using MmaDIK = decltype(make_tiled_mma(
@@ -109,9 +115,9 @@ struct Config {
     array_aligned<IndexElement, cosize_v<SmemLayoutIQ>, 1024> iq;
     array_aligned<Element, cosize_v<SmemLayoutK>, 1024> k;
     array_aligned<IndexElement, cosize_v<SmemLayoutIK>, 1024> ik;
-    array_aligned<IndexElement, kGrad ? 2 * cosize_v<SmemLayoutDUt> : 8, 1024> du;  // one duᵀ per warpgroup
-    array_aligned<float, 2 * kRows * kHalf, 16> p;         // one P (rows x keys, fp32) per warpgroup
-    array_aligned<float, 2 * kRows / 2 * kHalf, 16> pbar;  // one P̄ (tokens <= 32 x keys) per warpgroup
+    array_aligned<IndexElement, kGrad ? 2 * cosize_v<SmemLayoutDUt> : 8, 1024> du;  // one du per warpgroup
+    array_aligned<float, 2 * kRows * kHalf, 16> p;      // one P (rows x keys, fp32) per warpgroup (G > 1)
+    array_aligned<float, 2 * kRows / 2 * kHalf, 16> u;  // one u (tokens <= 32 x keys) per warpgroup (G > 1)
     uint64_t full[kStages];   // mbarrier: stage gathered (1 arrival: the warp's lane 0)
     uint64_t empty[kStages];  // mbarrier: stage read (256 arrivals: both computing warpgroups)
     uint64_t tile_full;       // mbarrier: K and index keys landed (TMA transaction bytes)
@@ -140,7 +146,8 @@ struct KernelArgs {
 };
 
 // Gathers the 64 rows of one stage, 16 bytes a lane at a time: row r comes from source row
-// src[r / 32] of lane r % 32 (-1: zero fill), `row_elems` elements per source row.
+// src[r / 32] of lane r % 32 (-1: zero fill, -2: left as it is), `row_elems` elements per
+// source row.
 template <int kChunks, class Tensor, class Element>
 __device__ __forceinline__ void gather_rows(Tensor&& stage, const Element* base, int row_elems, const int (&src)[2],
                                             int lane) {
@@ -155,7 +162,7 @@ __device__ __forceinline__ void gather_rows(Tensor&& stage, const Element* base,
     const int row = __shfl_sync(0xffffffff, src[(k * kRowsPerPiece) / 32], r % 32);
     if (row >= 0) {
       cp_async_16(cute::cast_smem_ptr_to_uint(&stage(r, col)), base + int64_t(row) * row_elems + col);
-    } else {
+    } else if (row == -1) {
       *reinterpret_cast<uint4*>(&stage(r, col)) = make_uint4(0, 0, 0, 0);
     }
   }
@@ -169,6 +176,18 @@ __device__ __forceinline__ float quad_max(float x) {
 __device__ __forceinline__ float quad_sum(float x) {
   x += __shfl_xor_sync(0xffffffff, x, 1);
   return x + __shfl_xor_sync(0xffffffff, x, 2);
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+  CUTE_UNROLL
+  for (int o = 1; o < 32; o *= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, o));
+  return x;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+  CUTE_UNROLL
+  for (int o = 1; o < 32; o *= 2) x += __shfl_xor_sync(0xffffffff, x, o);
+  return x;
 }
 
 template <class Cfg>
@@ -195,6 +214,15 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
       cutlass::arch::ClusterBarrier::init(&smem.empty[s], 256);
     }
     cutlass::arch::ClusterTransactionBarrier::init(&smem.tile_full, 1);
+  }
+  // index_q rows that are no token's lead row and du rows that no token writes stay zero for
+  // the whole item (the products read them); made visible to wgmma by the proxy fence.
+  {
+    uint4* iq = reinterpret_cast<uint4*>(smem.iq.data());
+    for (int i = threadIdx.x; i < int(sizeof(smem.iq) / 16); i += kThreads) iq[i] = make_uint4(0, 0, 0, 0);
+    uint4* du = reinterpret_cast<uint4*>(smem.du.data());
+    for (int i = threadIdx.x; i < int(sizeof(smem.du) / 16); i += kThreads) du[i] = make_uint4(0, 0, 0, 0);
+    cutlass::arch::fence_view_async_shared();
   }
   cutlass::arch::fence_barrier_init();
   __syncthreads();
@@ -234,7 +262,9 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
       for (int h = 0; h < 2; ++h) {
         const RowEntry e = row_entry(p, b, g, start, count, group, c, lane + 32 * h);
         src_q[h] = e.query < 0 ? -1 : row_src(p, e);
-        src_iq[h] = e.query < 0 ? -1 : (p.q_base + e.query) * p.num_kv_heads + g;
+        // Only a token's lead row holds its index_q; the others stay zero from the start.
+        const int r = lane + 32 * h;
+        src_iq[h] = r % group != 0 ? -2 : e.query < 0 ? -1 : (p.q_base + e.query) * p.num_kv_heads + g;
       }
       cutlass::arch::ClusterBarrier::wait(&smem.empty[s], ((c / kStages) & 1) ^ 1);
       gather_rows<Cfg::kChunks>(sQ(_, _, s), q, kD, src_q, lane);
@@ -252,6 +282,7 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
   cutlass::arch::warpgroup_reg_alloc<kComputeRegisters>();
   const int half = warp_group - 1;  // this warpgroup's keys: tile + 64 * half + [0, 64)
   const int thread = threadIdx.x % 128;
+  const int wg_warp = thread / 32;
   const int key0 = tile + kHalf * half;
   typename Cfg::MmaS mma_s;
   typename Cfg::MmaU mma_u;
@@ -267,18 +298,20 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
   Tensor coord_s = thr_s.partition_C(make_identity_tensor(Shape<Int<kRows>, Int<kHalf>>{}));
   Tensor cs = make_tensor(coord_s.data(), sm90::acc_rows_by_cols(coord_s.layout()));  // (2, 16)
   float* sP = smem.p.data() + half * kRows * kHalf;
-  float* sPbar = smem.pbar.data() + half * (kRows / 2) * kHalf;
+  float* sU = smem.u.data() + half * (kRows / 2) * kHalf;
 
-  // Gradient pass only: the products of du.
+  // Gradient pass only: du (bf16, non-zero at lead rows only) and its two products.
   typename Cfg::MmaDIQ mma_diq;
   typename Cfg::MmaDIK mma_dik;
   auto thr_diq = mma_diq.get_thread_slice(thread);
   auto thr_dik = mma_dik.get_thread_slice(thread);
   constexpr int kDUtSize = cosize_v<typename Cfg::SmemLayoutDUt>;
-  Tensor sDUt = make_tensor(make_smem_ptr(smem.du.data() + (Cfg::kGrad ? half * kDUtSize : 0)),
-                            typename Cfg::SmemLayoutDUt{});
+  IndexElement* du_base = smem.du.data() + (Cfg::kGrad ? half * kDUtSize : 0);
+  Tensor sDUt = make_tensor(make_smem_ptr(du_base), typename Cfg::SmemLayoutDUt{});  // (keys, rows)
+  Tensor sDU = make_tensor(make_smem_ptr(du_base), typename Cfg::SmemLayoutDU{});    // (rows, keys)
   Tensor sIKt = make_tensor(make_smem_ptr(smem.ik.data()), typename Cfg::SmemLayoutIKt{})(_, _, half);
   Tensor sIQt = make_tensor(make_smem_ptr(smem.iq.data()), typename Cfg::SmemLayoutIQt{});
+  Tensor tDIQrDU = thr_diq.make_fragment_A(thr_diq.partition_A(sDU));    // (MMA, MMA_M, MMA_K)
   Tensor tDIQrIKt = thr_diq.make_fragment_B(thr_diq.partition_B(sIKt));  // (MMA, MMA_N, MMA_K)
   Tensor tDIKrDUt = thr_dik.make_fragment_A(thr_dik.partition_A(sDUt));  // (MMA, MMA_M, MMA_K)
   Tensor tDIKrIQt = thr_dik.make_fragment_B(thr_dik.partition_B(sIQt));  // (MMA, MMA_N, MMA_K, stages)
@@ -297,12 +330,41 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
   const int my_row[2] = {get<0>(cs(0, 0)), get<0>(cs(1, 0))};  // of every step
   const cutlass::arch::NamedBarrier warpgroup_sync(128, half);  // this warpgroup only
 
+  // One token's value partials (max u, sum exp(u - max), sum P̄ log P̄ - P̄ u, sum P̄) over the
+  // visible keys among this thread's n; `reduce` combines them over the threads sharing the token.
+  auto token_partials = [&](auto n, const float* u, const float* pm, const bool* ok, auto reduce_max,
+                            auto reduce_sum) {
+    float m = -INFINITY;
+    CUTE_UNROLL
+    for (int j = 0; j < n; ++j) {
+      if (ok[j]) m = fmaxf(m, u[j]);
+    }
+    m = reduce_max(m);
+    float l = 0.0f, a = 0.0f, psum = 0.0f;
+    if (m > -INFINITY) {
+      CUTE_UNROLL
+      for (int j = 0; j < n; ++j) {
+        if (!ok[j]) continue;
+        l += exp2f((u[j] - m) * float(M_LOG2E));
+        a += (pm[j] > 0.0f ? pm[j] * logf(pm[j]) : 0.0f) - pm[j] * u[j];
+        psum += pm[j];
+      }
+    }
+    return make_float4(m, reduce_sum(l), reduce_sum(a), reduce_sum(psum));
+  };
+  auto partial_at = [&](int64_t part_row) {
+    return reinterpret_cast<float4*>(p.partial) + ((int64_t(b) * p.num_entries + part_row) * p.num_kv_heads + g) * 2 + half;
+  };
+  auto load_ilse = [&](int query) {
+    return p.ilse[(int64_t(b) * p.q_len + p.q_base + query) * p.num_kv_heads + g];
+  };
+
   cutlass::arch::ClusterTransactionBarrier::wait(&smem.tile_full, 0);
   for (int c = 0; c < n_steps; ++c) {
     const int s = c % kStages;
     // This thread's two rows: lse (log2 units), the half's visible keys, the row's partial
-    // (query * top_k + slot, -1 if dead), whether it leads its token, and ilse (gradient).
-    float lse_log2[2], ilse[2];
+    // (query * top_k + slot, -1 if dead), whether it leads its token.
+    float lse_log2[2];
     int visible[2], query[2];
     int64_t part_row[2];
     bool lead[2];
@@ -315,10 +377,6 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
       query[i] = e.query;
       part_row[i] = live ? int64_t(e.query) * p.top_k + e.slot : -1;
       lead[i] = live && my_row[i] % group == 0;
-      ilse[i] = 0.0f;
-      if constexpr (Cfg::kGrad) {
-        if (live) ilse[i] = p.ilse[(int64_t(b) * p.q_len + p.q_base + e.query) * p.num_kv_heads + g];
-      }
     }
     cutlass::arch::ClusterBarrier::wait(&smem.full[s], (c / kStages) & 1);
 
@@ -348,6 +406,7 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
 
     // Each head's P over its visible keys (0 elsewhere, a select: masked S may be anything).
     Tensor ps = make_tensor(acc_s.data(), sm90::acc_rows_by_cols(acc_s.layout()));
+    Tensor us = make_tensor(acc_u.data(), sm90::acc_rows_by_cols(acc_u.layout()));
     CUTE_UNROLL
     for (int i = 0; i < 2; ++i) {
       CUTE_UNROLL
@@ -355,94 +414,84 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
         ps(i, j) = get<1>(cs(i, j)) < visible[i] ? exp2f(ps(i, j) * scale_log2 - lse_log2[i]) : 0.0f;
       }
     }
-    // P̄: for G = 1 the row's own P; else P into shared memory (once every warp is past the
-    // previous step's reads), the group means written per token by all 128 threads alike,
-    // then read back by each row.
-    if (group > 1) {
-      warpgroup_sync.arrive_and_wait();
+    // Once every warp is past the previous step's reads of sP / sU and its products' reads of du.
+    if (group > 1 || Cfg::kGrad) warpgroup_sync.arrive_and_wait();
+    if (group == 1) {
+      // Every row is its own token: P̄ = P, and the token's work runs in this thread's registers
+      // (a row's 64 keys are spread over a quad).
+      constexpr int kCols = decltype(size<1>(ps))::value;
       CUTE_UNROLL
       for (int i = 0; i < 2; ++i) {
+        float u[kCols], pm[kCols];
+        bool ok[kCols];
         CUTE_UNROLL
-        for (int j = 0; j < size<1>(ps); ++j) sP[swizzled(my_row[i], get<1>(cs(i, j)))] = ps(i, j);
-      }
-      warpgroup_sync.arrive_and_wait();
-      for (int at = thread; at < tokens * kHalf; at += 128) {
-        const int t = at / kHalf, key = at % kHalf;
-        float sum = 0.0f;
-        for (int h = 0; h < group; ++h) sum += sP[swizzled(t * group + h, key)];
-        sPbar[swizzled(t, key)] = sum * inv_group;
-      }
-      warpgroup_sync.arrive_and_wait();
-    }
-    auto mean_p = [&](int i, int j) {
-      return group > 1 ? sPbar[swizzled(my_row[i] / group, get<1>(cs(i, j)))] : ps(i, j);
-    };
-
-    // The student: u = si <iq, ik> on the row's visible keys.
-    Tensor us = make_tensor(acc_u.data(), sm90::acc_rows_by_cols(acc_u.layout()));
-    if constexpr (!Cfg::kGrad) {
-      CUTE_UNROLL
-      for (int i = 0; i < 2; ++i) {
-        float m = -INFINITY;
-        CUTE_UNROLL
-        for (int j = 0; j < size<1>(us); ++j) {
-          if (get<1>(cs(i, j)) < visible[i]) m = fmaxf(m, us(i, j) * iscale);
+        for (int j = 0; j < kCols; ++j) {
+          u[j] = us(i, j) * iscale;
+          pm[j] = ps(i, j);
+          ok[j] = query[i] >= 0 && get<1>(cs(i, j)) < visible[i];
         }
-        m = quad_max(m);
-        float l = 0.0f, a = 0.0f, psum = 0.0f;
-        if (m > -INFINITY) {
+        if constexpr (!Cfg::kGrad) {
+          const float4 part = token_partials(
+              Int<kCols>{}, u, pm, ok, [](float x) { return quad_max(x); }, [](float x) { return quad_sum(x); });
+          if (lead[i] && lane % 4 == 0) *partial_at(part_row[i]) = part;
+        } else {
+          const float ilse = query[i] >= 0 ? load_ilse(query[i]) : 0.0f;
           CUTE_UNROLL
-          for (int j = 0; j < size<1>(us); ++j) {
-            if (get<1>(cs(i, j)) >= visible[i]) continue;
-            const float u = us(i, j) * iscale;
-            l += exp2f((u - m) * float(M_LOG2E));
-            const float pm = mean_p(i, j);
-            a += (pm > 0.0f ? pm * logf(pm) : 0.0f) - pm * u;
-            psum += pm;
+          for (int j = 0; j < kCols; ++j) {
+            const float du = ok[j] ? exp2f((u[j] - ilse) * float(M_LOG2E)) - pm[j] : 0.0f;
+            sDUt(get<1>(cs(i, j)), my_row[i]) = IndexElement(du);
           }
-        }
-        l = quad_sum(l);
-        a = quad_sum(a);
-        psum = quad_sum(psum);
-        if (lead[i] && lane % 4 == 0) {
-          const int64_t at = ((int64_t(b) * p.num_entries + part_row[i]) * p.num_kv_heads + g) * 2 + half;
-          reinterpret_cast<float4*>(p.partial)[at] = make_float4(m, l, a, psum);
         }
       }
     } else {
-      // du = R - P̄ on the row's visible keys (0 elsewhere and on dead rows).
+      // Every row's P and each lead row's u to shared memory, then one warp per token.
       CUTE_UNROLL
       for (int i = 0; i < 2; ++i) {
         CUTE_UNROLL
-        for (int j = 0; j < size<1>(us); ++j) {
-          float du = 0.0f;
-          if (query[i] >= 0 && get<1>(cs(i, j)) < visible[i]) {
-            du = exp2f((us(i, j) * iscale - ilse[i]) * float(M_LOG2E)) - mean_p(i, j);
+        for (int j = 0; j < size<1>(ps); ++j) {
+          sP[swizzled(my_row[i], get<1>(cs(i, j)))] = ps(i, j);
+          if (my_row[i] % group == 0 && my_row[i] / group < tokens) {
+            sU[swizzled(my_row[i] / group, get<1>(cs(i, j)))] = us(i, j) * iscale;
           }
-          us(i, j) = du;
         }
       }
-      // duᵀ of the lead rows (the others 0: d index_k sums each token once) into this
-      // warpgroup's buffer, once every warp is past the previous step's product reading it.
       warpgroup_sync.arrive_and_wait();
-      CUTE_UNROLL
-      for (int i = 0; i < 2; ++i) {
+      for (int t = wg_warp; t < tokens; t += 4) {
+        const RowEntry e = row_entry(p, b, g, start, count, group, c, t * group);
+        const bool live = e.query >= 0;
+        const int vis = min(max(row_last_visible(p, b, e) - key0 + 1, 0), kHalf);
+        float u[2], pm[2];
+        bool ok[2];
         CUTE_UNROLL
-        for (int j = 0; j < size<1>(us); ++j) {
-          sDUt(get<1>(cs(i, j)), my_row[i]) = IndexElement(lead[i] ? us(i, j) : 0.0f);
+        for (int j = 0; j < 2; ++j) {
+          const int key = lane + 32 * j;
+          float sum = 0.0f;
+          for (int h = 0; h < group; ++h) sum += sP[swizzled(t * group + h, key)];
+          pm[j] = sum * inv_group;
+          u[j] = sU[swizzled(t, key)];
+          ok[j] = live && key < vis;
+        }
+        if constexpr (!Cfg::kGrad) {
+          const float4 part = token_partials(
+              _2{}, u, pm, ok, [](float x) { return warp_max(x); }, [](float x) { return warp_sum(x); });
+          if (live && lane == 0) *partial_at(int64_t(e.query) * p.top_k + e.slot) = part;
+        } else {
+          const float ilse = live ? load_ilse(e.query) : 0.0f;
+          CUTE_UNROLL
+          for (int j = 0; j < 2; ++j) {
+            const float du = ok[j] ? exp2f((u[j] - ilse) * float(M_LOG2E)) - pm[j] : 0.0f;
+            sDU(t * group, lane + 32 * j) = IndexElement(du);
+          }
         }
       }
+    }
+
+    if constexpr (Cfg::kGrad) {
+      // du of this step is complete and visible to wgmma: d index_k += duᵀ IQ (non-lead rows
+      // of du are 0, so each token counts once) and this half's d index_q share = du Ki.
       cutlass::arch::fence_view_async_shared();
       warpgroup_sync.arrive_and_wait();
-
-      Tensor du_reg = make_tensor<IndexElement>(acc_u.layout());
-      constexpr int kAcc = decltype(size(acc_u))::value;
-      cutlass::NumericArrayConverter<IndexElement, float, kAcc> convert;
-      *reinterpret_cast<cutlass::Array<IndexElement, kAcc>*>(du_reg.data()) =
-          convert(*reinterpret_cast<const cutlass::Array<float, kAcc>*>(acc_u.data()));
-      Tensor tDIQrDU = make_tensor(du_reg.data(), sm90::AccAsAOperand<kHalf>{});
       Tensor acc_diq = partition_fragment_C(mma_diq, Shape<Int<kRows>, Int<kDi>>{});
-      warpgroup_fence_operand(tDIQrDU);
       warpgroup_fence_operand(acc_diq);
       warpgroup_fence_operand(acc_dik);
       warpgroup_arrive();
