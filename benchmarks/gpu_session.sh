@@ -26,6 +26,8 @@
 #   breakdown-kl   breakdown_kl.py: the KL's work list, value pass and value + gradient alone, cuda, 32K and 128K
 #   profile-train  profile_ops.py: GPU time per kernel of msa_fwd_bwd_kl (cuda) and cuDNN's dense fwd+bwd
 #                  (PROFILE_OPS, PROFILE_N), config A, 32K and 128K, one JSON per case
+#   ncu-train      Nsight Compute sections of the first launches of the training kernels (NCU_KERNELS, NCU_COUNT)
+#                  in msa_fwd_bwd_kl, config A, 32K
 #   train-32k      issue #3's measurement: the GPU preset's train step at 32K tokens, MSA with
 #                  implementation="cuda" (2 dense warm-up steps, then sparse) and the same model with
 #                  dense cuDNN attention, one metrics JSON each (tokens/s per mode, first step excluded)
@@ -122,6 +124,13 @@ for step in "$@"; do
       # shellcheck disable=SC2086 (PROFILE_OPS is a list)
       run profile-train python3 benchmarks/profile_ops.py --config A --n ${PROFILE_N:-32768 131072} \
         --ops ${PROFILE_OPS:-msa_fwd_bwd_kl dense_fwd_bwd} --impl cuda --out "$OUT" ;;
+    ncu-train)
+      # NCU_KERNELS: a regex of kernel names; the first NCU_COUNT launches that match are profiled.
+      run ncu-train ncu --clock-control none -k "regex:${NCU_KERNELS:-attention_bwd|kl_kernel}" -c "${NCU_COUNT:-3}" \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+        --section WarpStateStats --section SchedulerStats --section Occupancy \
+        python3 benchmarks/bench.py --config A --impl cuda --ops msa_fwd_bwd_kl --n 32768 --repeats 1 --warmup 0 \
+        --time-limit 30 --baselines --out /tmp/ncu_bench.json ;;
     train-32k)
       for variant in "msa --implementation cuda" "dense-cudnn"; do
         name=train-32k-${variant%% *}
