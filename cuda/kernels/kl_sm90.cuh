@@ -59,6 +59,24 @@ __device__ __forceinline__ int swizzled(int row, int key) { return row * kHalf +
 
 using IndexElement = cutlass::bfloat16_t;
 
+// What a step needs of one matrix row besides its q: loaded one step ahead (the entry, then
+// the loads that depend on it), so their latency hides behind the previous step's work.
+struct RowMeta {
+  float lse_log2;  // the teacher row's lse in log2 units
+  float ilse;      // the student's lse (gradient pass, lead rows)
+  int visible;     // keys of this warpgroup's half the row's query sees
+  int query;       // relative to q_base, -1: dead row
+  int part_row;    // query * top_k + slot, -1: dead row
+  bool lead;       // live and the first of its token's G rows
+};
+
+// A token's row metadata as its lead row's thread publishes it for the token pass (G > 1).
+struct TokenMeta {
+  int part_row;  // -1: dead token
+  int visible;
+  float ilse;
+};
+
 template <int kD_, int kDi_, class Element_, bool kGrad_>
 struct Config {
   static constexpr int kD = kD_;
@@ -118,6 +136,7 @@ struct Config {
     array_aligned<IndexElement, kGrad ? 2 * cosize_v<SmemLayoutDUt> : 8, 1024> du;  // one du per warpgroup
     array_aligned<float, 2 * kRows * kHalf, 16> p;      // one P (rows x keys, fp32) per warpgroup (G > 1)
     array_aligned<float, 2 * kRows / 2 * kHalf, 16> u;  // one u (tokens <= 32 x keys) per warpgroup (G > 1)
+    TokenMeta token[2][kRows / 2];                      // the tokens' lead-row metadata, per warpgroup (G > 1)
     uint64_t full[kStages];   // mbarrier: stage gathered (1 arrival: the warp's lane 0)
     uint64_t empty[kStages];  // mbarrier: stage read (256 arrivals: both computing warpgroups)
     uint64_t tile_full;       // mbarrier: K and index keys landed (TMA transaction bytes)
@@ -359,24 +378,43 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
     return p.ilse[(int64_t(b) * p.q_len + p.q_base + query) * p.num_kv_heads + g];
   };
 
-  cutlass::arch::ClusterTransactionBarrier::wait(&smem.tile_full, 0);
-  for (int c = 0; c < n_steps; ++c) {
-    const int s = c % kStages;
-    // This thread's two rows: lse (log2 units), the half's visible keys, the row's partial
-    // (query * top_k + slot, -1 if dead), whether it leads its token.
-    float lse_log2[2];
-    int visible[2], query[2];
-    int64_t part_row[2];
-    bool lead[2];
+  auto load_meta = [&](int c, RowMeta (&m)[2]) {
     CUTE_UNROLL
     for (int i = 0; i < 2; ++i) {
       const RowEntry e = row_entry(p, b, g, start, count, group, c, my_row[i]);
       const bool live = e.query >= 0;
-      lse_log2[i] = live ? p.lse[batch_rows + row_src(p, e)] * float(M_LOG2E) : 0.0f;
-      visible[i] = min(max(row_last_visible(p, b, e) - key0 + 1, 0), kHalf);
-      query[i] = e.query;
-      part_row[i] = live ? int64_t(e.query) * p.top_k + e.slot : -1;
-      lead[i] = live && my_row[i] % group == 0;
+      m[i].lse_log2 = live ? p.lse[batch_rows + row_src(p, e)] * float(M_LOG2E) : 0.0f;
+      m[i].visible = min(max(row_last_visible(p, b, e) - key0 + 1, 0), kHalf);
+      m[i].query = e.query;
+      m[i].part_row = live ? e.query * p.top_k + e.slot : -1;
+      m[i].lead = live && my_row[i] % group == 0;
+      m[i].ilse = 0.0f;
+      if constexpr (Cfg::kGrad) {
+        if (m[i].lead) m[i].ilse = load_ilse(e.query);
+      }
+    }
+  };
+  TokenMeta* sTok = smem.token[half];
+  RowMeta meta[2];
+  load_meta(0, meta);
+
+  cutlass::arch::ClusterTransactionBarrier::wait(&smem.tile_full, 0);
+  for (int c = 0; c < n_steps; ++c) {
+    const int s = c % kStages;
+    // This thread's two rows (see RowMeta), loaded during the previous step.
+    float lse_log2[2];
+    int visible[2], query[2];
+    int64_t part_row[2];
+    bool lead[2];
+    float row_ilse[2];
+    CUTE_UNROLL
+    for (int i = 0; i < 2; ++i) {
+      lse_log2[i] = meta[i].lse_log2;
+      visible[i] = meta[i].visible;
+      query[i] = meta[i].query;
+      part_row[i] = meta[i].part_row;
+      lead[i] = meta[i].lead;
+      row_ilse[i] = meta[i].ilse;
     }
     cutlass::arch::ClusterBarrier::wait(&smem.full[s], (c / kStages) & 1);
 
@@ -398,6 +436,7 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
       mma_u.accumulate_ = GMMA::ScaleOut::One;
     }
     warpgroup_commit_batch();
+    load_meta(c + 1, meta);  // while the products run (rows past the item are dead: no loads)
     warpgroup_wait<0>();
     warpgroup_fence_operand(acc_s);
     warpgroup_fence_operand(acc_u);
@@ -435,7 +474,7 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
               Int<kCols>{}, u, pm, ok, [](float x) { return quad_max(x); }, [](float x) { return quad_sum(x); });
           if (lead[i] && lane % 4 == 0) *partial_at(part_row[i]) = part;
         } else {
-          const float ilse = query[i] >= 0 ? load_ilse(query[i]) : 0.0f;
+          const float ilse = row_ilse[i];
           CUTE_UNROLL
           for (int j = 0; j < kCols; ++j) {
             const float du = ok[j] ? exp2f((u[j] - ilse) * float(M_LOG2E)) - pm[j] : 0.0f;
@@ -444,9 +483,12 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
         }
       }
     } else {
-      // Every row's P and each lead row's u to shared memory, then one warp per token.
+      // Every row's P and each lead row's u and metadata to shared memory, then one warp per token.
       CUTE_UNROLL
       for (int i = 0; i < 2; ++i) {
+        if (my_row[i] % group == 0 && my_row[i] / group < tokens && lane % 4 == 0) {
+          sTok[my_row[i] / group] = TokenMeta{lead[i] ? int(part_row[i]) : -1, visible[i], row_ilse[i]};
+        }
         CUTE_UNROLL
         for (int j = 0; j < size<1>(ps); ++j) {
           sP[swizzled(my_row[i], get<1>(cs(i, j)))] = ps(i, j);
@@ -457,9 +499,9 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
       }
       warpgroup_sync.arrive_and_wait();
       for (int t = wg_warp; t < tokens; t += 4) {
-        const RowEntry e = row_entry(p, b, g, start, count, group, c, t * group);
-        const bool live = e.query >= 0;
-        const int vis = min(max(row_last_visible(p, b, e) - key0 + 1, 0), kHalf);
+        const TokenMeta tm = sTok[t];
+        const bool live = tm.part_row >= 0;
+        const int vis = tm.visible;
         float u[2], pm[2];
         bool ok[2];
         CUTE_UNROLL
@@ -474,9 +516,9 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
         if constexpr (!Cfg::kGrad) {
           const float4 part = token_partials(
               _2{}, u, pm, ok, [](float x) { return warp_max(x); }, [](float x) { return warp_sum(x); });
-          if (live && lane == 0) *partial_at(int64_t(e.query) * p.top_k + e.slot) = part;
+          if (live && lane == 0) *partial_at(tm.part_row) = part;
         } else {
-          const float ilse = live ? load_ilse(e.query) : 0.0f;
+          const float ilse = tm.ilse;
           CUTE_UNROLL
           for (int j = 0; j < 2; ++j) {
             const float du = ok[j] ? exp2f((u[j] - ilse) * float(M_LOG2E)) - pm[j] : 0.0f;
