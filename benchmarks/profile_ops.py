@@ -87,12 +87,14 @@ def main(argv=None):
         for op in args.ops:
             impl = "cudnn" if op in bench.BASELINE_OPS else args.impl
             result = profile(op, impl, cfg, n, args.calls, args.deterministic)
-            result.update(config=args.config, device=str(jax.devices()[0].device_kind), jax=jax.__version__)
+            commit, dirty = bench.git_state()
+            result.update(config=args.config, device=str(jax.devices()[0].device_kind), jax=jax.__version__,
+                          git_commit=commit, git_dirty=dirty, command=" ".join(["benchmarks/profile_ops.py", *sys.argv[1:]]))
             print(f"config {args.config} N={n} {op} ({impl}): {result['total_ms_per_call']:.1f} ms of kernels per call")
             for k in result["kernels"][:args.top]:
                 print(f"  {k['ms_per_call']:9.2f} ms  x{k['launches_per_call']:<5g} {k['name'][:150]}")
             if args.out:
-                path = Path(args.out) / f"profile-{args.config}-{op}-{impl}-{n}.json"
+                path = Path(args.out) / f"profile-{args.config}-{op}-{impl}-{n}-{commit[:7]}.json"
                 path.write_text(json.dumps(result, indent=1))
 
 

@@ -253,43 +253,24 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int my_row[2] = {get<0>(cs(0, 0)), get<0>(cs(1, 0))};  // of every step
     const cutlass::arch::NamedBarrier warpgroup_sync(128, half);  // this warpgroup only
 
-    // This thread's two rows of step c: where dQ goes, their lse (log2 units), delta, visible
-    // keys. Loaded one step ahead (the entry, then what depends on it), while the previous
-    // step's first products run, so the dependent global loads do not stall every step.
-    struct RowMeta {
-      int64_t dq_row;
-      float lse_log2, delta;
-      int visible;
-    };
-    auto load_meta = [&](int c, RowMeta (&m)[2]) {
-      CUTE_UNROLL
-      for (int i = 0; i < 2; ++i) {
-        const RowEntry e = row_entry(p, b, g, start, count, group, c, my_row[i]);
-        const bool live = e.query >= 0;
-        const int src = live ? row_src(p, e) : 0;
-        m[i].dq_row = !live ? -1
-                      : p.deterministic ? int64_t(b) * p.num_out_rows + row_out(p, e)
-                                        : batch_rows + src;
-        m[i].lse_log2 = live ? p.lse[batch_rows + src] * float(M_LOG2E) : 0.0f;
-        m[i].delta = live ? p.delta[batch_rows + src] : 0.0f;
-        m[i].visible = min(max(row_last_visible(p, b, e) - key0 + 1, 0), kHalf);
-      }
-    };
-    RowMeta meta[2];
-    load_meta(0, meta);
-
     cutlass::arch::ClusterTransactionBarrier::wait(&smem.kv_full, 0);
     for (int c = 0; c < n_steps; ++c) {
       const int s = c % kStages;
+      // This thread's two rows: where dQ goes, their lse (log2 units), delta, visible keys.
       int64_t dq_row[2];
       float lse_log2[2], delta[2];
       int visible[2];
       CUTE_UNROLL
       for (int i = 0; i < 2; ++i) {
-        dq_row[i] = meta[i].dq_row;
-        lse_log2[i] = meta[i].lse_log2;
-        delta[i] = meta[i].delta;
-        visible[i] = meta[i].visible;
+        const RowEntry e = row_entry(p, b, g, start, count, group, c, my_row[i]);
+        const bool live = e.query >= 0;
+        const int src = live ? row_src(p, e) : 0;
+        dq_row[i] = !live ? -1
+                    : p.deterministic ? int64_t(b) * p.num_out_rows + row_out(p, e)
+                                      : batch_rows + src;
+        lse_log2[i] = live ? p.lse[batch_rows + src] * float(M_LOG2E) : 0.0f;
+        delta[i] = live ? p.delta[batch_rows + src] : 0.0f;
+        visible[i] = min(max(row_last_visible(p, b, e) - key0 + 1, 0), kHalf);
       }
       cutlass::arch::ClusterBarrier::wait(&smem.full[s], (c / kStages) & 1);
 
@@ -312,7 +293,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         mma_s.accumulate_ = GMMA::ScaleOut::One;
       }
       warpgroup_commit_batch();
-      load_meta(c + 1, meta);  // rows past the item are dead: no loads
       warpgroup_wait<0>();
       warpgroup_fence_operand(acc_s);
       warpgroup_fence_operand(acc_dp);
