@@ -37,11 +37,12 @@ def load_runs(paths) -> list[tuple[Path, dict]]:
 
 
 def latest_cases(runs) -> dict[tuple, tuple[Path, dict, dict]]:
-    """(device, config, n, impl, op, baseline) -> (path, run, case) of the newest successful case."""
+    """(device, config, n, impl, op, baseline) -> (path, run, case) of the newest successful case.
+    A case with a "stale" reason (code measured there was not kept) never counts."""
     latest = {}
     for path, run in sorted(runs, key=lambda item: item[1]["date"]):
         for case in run["cases"]:
-            if case["status"] == "ok":
+            if case["status"] == "ok" and not case.get("stale"):
                 # Runs with deterministic=True (bench.py --deterministic) are their own rows.
                 impl = case["impl"] + (" det." if run["settings"].get("deterministic") and not case["baseline"] else "")
                 key = (run["device"], case["config"], case["n"], impl, case["op"], case["baseline"])

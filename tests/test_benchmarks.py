@@ -176,6 +176,21 @@ def test_readme_table_from_gpu_run(bench_run, tmp_path):
     assert "no GPU results" not in text
     assert sum(line.startswith("| NVIDIA H100") for line in text.splitlines()) == len(run["cases"])
 
+    # A newer run whose sparse_fwd case is marked stale: that row keeps the older run's time,
+    # every other row takes the newer one's.
+    newer = json.loads(json.dumps(gpu))
+    newer["date"] = "2099-01-01T00:00:00+00:00"
+    for case in newer["cases"]:
+        case["median_s"] *= 2
+        if case["impl"] == "xla" and case["op"] == "sparse_fwd":
+            case["stale"] = "the change it measured was reverted"
+    (results / "newer.json").write_text(json.dumps(newer))
+    assert readme_table.main(args) == 0
+    lines = readme.read_text().splitlines()
+    assert row in lines
+    dense = _case(run, newer["cases"][0]["impl"], newer["cases"][0]["op"])
+    assert not any(f"| {dense['median_s'] * 1e3:.2f} |" in line and f"| {dense['op']} |" in line for line in lines)
+
 
 def test_plot_writes_png(bench_run, tmp_path):
     pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install -e '.[bench]')")
