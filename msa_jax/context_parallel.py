@@ -72,6 +72,8 @@ def context_parallel_sparse_attention(
     *,
     mesh: Mesh,
     axis: str,
+    batch_axis: str | None = None,
+    kv_length=None,
     top_k: int = 16,
     block_size: int = 128,
     mode: str = "sparse",
@@ -86,8 +88,14 @@ def context_parallel_sparse_attention(
       q, k, v, index_q, index_k: as in `sparse_attention`, with T == S, and the sequence
         axis in zig-zag order for n = mesh.shape[axis] devices (`zigzag(x, n)`). They may be
         sharded over the sequence along `axis` (the layout this op computes in) or not at all.
-      mesh: a `jax.sharding.Mesh`; axes other than `axis` hold replicas.
+      mesh: a `jax.sharding.Mesh`; axes other than `axis` and `batch_axis` hold replicas.
       axis: the mesh axis the sequence is split over; S must be a multiple of 2 * n.
+      batch_axis: a second mesh axis to split the batch over (data parallelism beside the
+        context parallelism), or None; B must be a multiple of its size.
+      kv_length: None (every token real), or an int or int32 [B]: the real tokens of each
+        row, counted in natural order; tokens at natural positions >= kv_length[b] are right
+        padding. The same as `sparse_attention(..., q_offset=0, kv_length=kv_length)`:
+        padding queries give out 0, lse -inf, block ids -1 and nothing to the KL loss.
       top_k, block_size, mode, softmax_scale, index_softmax_scale, kl_coeff,
         implementation: as in `sparse_attention`.
 
@@ -101,32 +109,40 @@ def context_parallel_sparse_attention(
         of 2 * n. NotImplementedError: no requested implementation serves the call.
     """
     v, index_q = validation.as_array(v, "v"), validation.as_array(index_q, "index_q")
+    # Self-attention over each row's first kv_length tokens: queries start at key 0.
+    q_offset = None if kv_length is None else 0
     q, k, v, index_q, index_k, cfg, pos, call, names = _prepare(
-        "sparse_attention", q, k, v, index_q, index_k, None, None, None, implementation,
+        "sparse_attention", q, k, v, index_q, index_k, q_offset, kv_length, None, implementation,
         top_k=top_k, block_size=block_size, mode=mode, softmax_scale=softmax_scale,
         index_softmax_scale=index_softmax_scale, kl_coeff=kl_coeff,
     )
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
-    if axis not in mesh.axis_names:
-        raise ValueError(f"axis {axis!r} is not an axis of the mesh {mesh.axis_names}")
+    for name, a in (("axis", axis), ("batch_axis", batch_axis)):
+        if a is not None and a not in mesh.axis_names:
+            raise ValueError(f"{name} {a!r} is not an axis of the mesh {mesh.axis_names}")
+    if axis is None or batch_axis == axis:
+        raise ValueError(f"axis must name a mesh axis and batch_axis another one, got {axis!r} and {batch_axis!r}")
     B, T, S = q.shape[0], q.shape[1], k.shape[1]
+    if batch_axis is not None and B % mesh.shape[batch_axis]:
+        raise ValueError(f"the batch B={B} must be a multiple of mesh.shape[{batch_axis!r}] = {mesh.shape[batch_axis]}")
     if T != S:
         raise ValueError(f"context parallelism is for self-attention: q has T={T} tokens, k has S={S}")
     n = _check_shards(mesh.shape[axis], S, "q")
     c = S // (2 * n)  # tokens per chunk; each device holds two
 
     def serve(impl):
-        def local(q, k, v, index_q, index_k):
+        def local(q, k, v, index_q, index_k, kv_length):
             def gather(x):  # the whole sequence in natural order, on every device
                 return unzigzag(jax.lax.all_gather(x, axis, axis=1, tiled=True), n)
 
             k_all, v_all, ik_all = gather(k), gather(v), gather(index_k)
             d = jax.lax.axis_index(axis)
+            b = q.shape[0]  # this device's rows
             outs = []
             for j, chunk in enumerate((d, 2 * n - 1 - d)):
                 sl = slice(j * c, (j + 1) * c)
-                p = Positions(jnp.full((B,), chunk * c, jnp.int32), jnp.full((B,), S, jnp.int32), None)
+                p = Positions(jnp.full((b,), chunk * c, jnp.int32), kv_length, None)
                 iq = index_q[:, sl]
                 bi = impl.select_blocks(_sg(iq), _sg(ik_all), p, cfg)
                 out, lse = autodiff.attention(impl, cfg, q[:, sl], k_all, v_all, bi, *p)
@@ -136,19 +152,21 @@ def context_parallel_sparse_attention(
             cat = lambda a, b: jnp.concatenate([a, b], axis=1)  # noqa: E731
             return cat(o0, o1), cat(l0, l1), cat(b0, b1), (k0 + k1)[None]
 
-        seq4, seq3 = P(None, axis, None, None), P(None, axis, None)
-        in_specs = (seq4, seq4, seq4, seq4, seq3)
+        seq4, seq3 = P(batch_axis, axis, None, None), P(batch_axis, axis, None)
+        in_specs = (seq4, seq4, seq4, seq4, seq3, P(batch_axis))
         # shard_map wants its inputs laid out as in_specs say; inputs already split over
-        # the sequence along `axis` do not move.
+        # the sequence along `axis` (and the batch along `batch_axis`) do not move.
         explicit = dict(zip(mesh.axis_names, mesh.axis_types))[axis] == AxisType.Explicit
         move = jax.sharding.reshard if explicit else jax.lax.with_sharding_constraint
-        args = [move(x, NamedSharding(mesh, spec)) for x, spec in zip((q, k, v, index_q, index_k), in_specs)]
+        args = [move(x, NamedSharding(mesh, spec))
+                for x, spec in zip((q, k, v, index_q, index_k, pos.kv_length), in_specs)]
         # check_vma=False: the Pallas kernels' out_shape carries no varying-axes type, which
         # shard_map's check demands. Nothing here needs that check: the all-gathers transpose
         # to reduce-scatters either way, and the KL partial sums leave as one value per
         # device and are added outside, so no psum has to be transposed.
         out, lse, bi, kl_parts = jax.shard_map(
-            local, mesh=mesh, in_specs=in_specs, out_specs=(seq4, seq3, seq4, P(axis)), check_vma=False,
+            local, mesh=mesh, in_specs=in_specs, check_vma=False,
+            out_specs=(seq4, seq3, seq4, P(axis if batch_axis is None else (batch_axis, axis))),
         )(*args)
         return out, lse, bi, jnp.sum(kl_parts)
 

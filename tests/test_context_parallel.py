@@ -4,7 +4,8 @@ Pins down: the sequence split over a mesh axis in zig-zag order gives the same o
 block_indices, kl_loss and gradients (q, k, v, index_q, index_k) as the unsharded
 `sparse_attention` on the natural-order inputs, in both modes; what crosses devices is
 exactly what the README says (all-gathers of K, V and index_k forward, reduce-scatters of
-their gradients backward, scalar all-reduces) and never q or index_q.
+their gradients backward, scalar all-reduces) and never q or index_q; right-padded rows
+(kv_length) and the batch split over a second mesh axis (batch_axis) agree too.
 """
 
 from __future__ import annotations
@@ -111,6 +112,72 @@ def test_matches_one_device(implementation, mode, B, DI, BLOCK):
     assert set(_collectives(hlo, "all-reduce")) <= {"f32[]", "(f32[],f32[])"}
 
 
+# (implementation, mode, data shards, kv_length): right-padded rows, and the batch split over a
+# second mesh axis beside the sequence.
+RAGGED_CASES = [
+    ("xla", "sparse", 1, (64, 37)),
+    ("xla", "dense", 2, (50, 64)),
+    ("xla", "sparse", 2, None),
+    ("pallas", "sparse", 2, (64, 29)),
+]
+
+
+@pytest.mark.parametrize("implementation, mode, n_data, kv_length", RAGGED_CASES)
+def test_ragged_rows_and_batch_axis(implementation, mode, n_data, kv_length):
+    """kv_length (right padding) and batch_axis (the batch over a second mesh axis) give what
+    sparse_attention(q_offset=0, kv_length=...) gives on one device; with the batch split,
+    the all-gathers hold only the device's rows."""
+    n = N // n_data  # devices on the sequence axis
+    Di, block = (16, 16) if implementation == "pallas" else (DI, BLOCK)
+    rng = np.random.default_rng(5)
+    normal = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
+    q, k, v = normal(2, S, HQ, D), normal(2, S, HKV, D), normal(2, S, HKV, D)
+    index_q, index_k, w = normal(2, S, HKV, Di), normal(2, S, Di), normal(2, S, HQ, D)
+    opts = dict(top_k=TOP_K, block_size=block, mode=mode, kl_coeff=0.5)
+    kvl = None if kv_length is None else np.asarray(kv_length, np.int32)
+    one_kw = {} if kvl is None else dict(q_offset=0, kv_length=kvl)
+
+    def loss_one(q, k, v, index_q, index_k):
+        r = msa_jax.sparse_attention(q, k, v, index_q, index_k, implementation="xla", **opts, **one_kw)
+        return jnp.sum(jnp.where(jnp.isfinite(r.lse), r.lse, 0.0)) + jnp.sum(r.out * w) + r.kl_loss, r
+
+    mesh = jax.make_mesh((n_data, n), ("data", "seq"))
+    batch_axis = "data" if n_data > 1 else None
+    w_zz = msa_jax.zigzag(w, n)
+
+    def loss_cp(q, k, v, index_q, index_k):
+        r = msa_jax.context_parallel_sparse_attention(
+            q, k, v, index_q, index_k, mesh=mesh, axis="seq", batch_axis=batch_axis, kv_length=kvl,
+            implementation=implementation, **opts)
+        return jnp.sum(jnp.where(jnp.isfinite(r.lse), r.lse, 0.0)) + jnp.sum(r.out * w_zz) + r.kl_loss, r
+
+    (want_value, want), want_grads = jax.jit(jax.value_and_grad(loss_one, argnums=range(5), has_aux=True))(
+        q, k, v, index_q, index_k)
+    if kvl is not None:  # the padding is there: padding queries select nothing
+        assert (np.asarray(want.block_indices)[1, int(kvl[1]):] == -1).all()
+    natural = lambda x: np.asarray(msa_jax.unzigzag(np.asarray(x), n))  # noqa: E731
+    args = [jax.device_put(msa_jax.zigzag(x, n), NamedSharding(mesh, P(batch_axis, "seq")))
+            for x in (q, k, v, index_q, index_k)]
+    compiled = jax.jit(jax.value_and_grad(loss_cp, argnums=range(5), has_aux=True)).lower(*args).compile()
+    (value, got), grads = compiled(*args)
+
+    tol = dict(rtol=RTOL, atol=ATOL if implementation == "xla" else 1e-5)
+    np.testing.assert_allclose(value, want_value, rtol=RTOL)
+    np.testing.assert_allclose(got.kl_loss, want.kl_loss, rtol=RTOL)
+    np.testing.assert_array_equal(natural(got.block_indices), np.asarray(want.block_indices))
+    np.testing.assert_allclose(natural(got.out), want.out, **tol)
+    np.testing.assert_array_equal(np.isfinite(natural(got.lse)), np.isfinite(want.lse))
+    np.testing.assert_allclose(np.nan_to_num(natural(got.lse), neginf=0.0), np.nan_to_num(want.lse, neginf=0.0), **tol)
+    for name, g, wg in zip(("q", "k", "v", "index_q", "index_k"), grads, want_grads):
+        np.testing.assert_allclose(natural(g), wg, err_msg=f"d{name}", **tol)
+    assert tuple(got.out.sharding.spec)[:2] == (batch_axis, "seq"), got.out.sharding
+
+    hlo = compiled.as_text()
+    b = 2 // n_data
+    kv_full, ik_full = f"f32[{b},{S},{HKV},{D}]", f"f32[{b},{S},{Di}]"
+    assert sorted(_collectives(hlo, "all-gather")) == sorted([kv_full, kv_full, ik_full])
+
+
 def test_rejects_bad_layouts():
     mesh = jax.make_mesh((N,), ("seq",))
     x = jnp.zeros((1, 20, 2, 16))  # 20 is not a multiple of 2 * 4
@@ -119,3 +186,14 @@ def test_rejects_bad_layouts():
         msa_jax.context_parallel_sparse_attention(x, x, x, x, ik, mesh=mesh, axis="seq", block_size=8)
     with pytest.raises(ValueError, match="not an axis of the mesh"):
         msa_jax.context_parallel_sparse_attention(x, x, x, x, ik, mesh=mesh, axis="data", block_size=8)
+    mesh2 = jax.make_mesh((2, 2), ("data", "seq"))
+    x, ik = jnp.zeros((3, 16, 2, 16)), jnp.zeros((3, 16, 16))
+    with pytest.raises(ValueError, match="multiple of mesh.shape\\['data'\\]"):
+        msa_jax.context_parallel_sparse_attention(x, x, x, x, ik, mesh=mesh2, axis="seq", batch_axis="data",
+                                                  block_size=8)
+    with pytest.raises(ValueError, match="batch_axis another one"):
+        msa_jax.context_parallel_sparse_attention(x, x, x, x, ik, mesh=mesh2, axis="seq", batch_axis="seq",
+                                                  block_size=8)
+    with pytest.raises(ValueError, match="kv_length"):
+        msa_jax.context_parallel_sparse_attention(x, x, x, x, ik, mesh=mesh2, axis="seq", block_size=8,
+                                                  kv_length=np.array([17, 3, 3], np.int32))
