@@ -73,6 +73,7 @@ def context_parallel_sparse_attention(
     mesh: Mesh,
     axis: str,
     batch_axis: str | None = None,
+    head_axis: str | None = None,
     kv_length=None,
     top_k: int = 16,
     block_size: int = 128,
@@ -88,10 +89,15 @@ def context_parallel_sparse_attention(
       q, k, v, index_q, index_k: as in `sparse_attention`, with T == S, and the sequence
         axis in zig-zag order for n = mesh.shape[axis] devices (`zigzag(x, n)`). They may be
         sharded over the sequence along `axis` (the layout this op computes in) or not at all.
-      mesh: a `jax.sharding.Mesh`; axes other than `axis` and `batch_axis` hold replicas.
+      mesh: a `jax.sharding.Mesh`; axes other than `axis`, `batch_axis` and `head_axis` hold
+        replicas.
       axis: the mesh axis the sequence is split over; S must be a multiple of 2 * n.
       batch_axis: a second mesh axis to split the batch over (data parallelism beside the
         context parallelism), or None; B must be a multiple of its size.
+      head_axis: a mesh axis to split the heads over (tensor parallelism beside the context
+        parallelism), or None: q's query heads and k's, v's and index_q's kv heads alike, so
+        its size must divide Hkv (a device holds whole GQA groups); index_k (one head) is
+        replicated over it and its gradient summed over it.
       kv_length: None (every token real), or an int or int32 [B]: the real tokens of each
         row, counted in natural order; tokens at natural positions >= kv_length[b] are right
         padding. The same as `sparse_attention(..., q_offset=0, kv_length=kv_length)`:
@@ -118,14 +124,20 @@ def context_parallel_sparse_attention(
     )
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
-    for name, a in (("axis", axis), ("batch_axis", batch_axis)):
+    named = (("axis", axis), ("batch_axis", batch_axis), ("head_axis", head_axis))
+    for name, a in named:
         if a is not None and a not in mesh.axis_names:
             raise ValueError(f"{name} {a!r} is not an axis of the mesh {mesh.axis_names}")
-    if axis is None or batch_axis == axis:
-        raise ValueError(f"axis must name a mesh axis and batch_axis another one, got {axis!r} and {batch_axis!r}")
+    used = [a for _, a in named if a is not None]
+    if axis is None or len(set(used)) != len(used):
+        raise ValueError("axis must name a mesh axis, and batch_axis / head_axis other ones, got "
+                         + ", ".join(f"{name}={a!r}" for name, a in named))
     B, T, S = q.shape[0], q.shape[1], k.shape[1]
     if batch_axis is not None and B % mesh.shape[batch_axis]:
         raise ValueError(f"the batch B={B} must be a multiple of mesh.shape[{batch_axis!r}] = {mesh.shape[batch_axis]}")
+    if head_axis is not None and k.shape[2] % mesh.shape[head_axis]:
+        raise ValueError(f"the kv heads Hkv={k.shape[2]} must be a multiple of mesh.shape[{head_axis!r}] = "
+                         f"{mesh.shape[head_axis]} (a device holds whole GQA groups)")
     if T != S:
         raise ValueError(f"context parallelism is for self-attention: q has T={T} tokens, k has S={S}")
     n = _check_shards(mesh.shape[axis], S, "q")
@@ -152,7 +164,7 @@ def context_parallel_sparse_attention(
             cat = lambda a, b: jnp.concatenate([a, b], axis=1)  # noqa: E731
             return cat(o0, o1), cat(l0, l1), cat(b0, b1), (k0 + k1)[None]
 
-        seq4, seq3 = P(batch_axis, axis, None, None), P(batch_axis, axis, None)
+        seq4, seq3 = P(batch_axis, axis, head_axis, None), P(batch_axis, axis, None)
         in_specs = (seq4, seq4, seq4, seq4, seq3, P(batch_axis))
         # shard_map wants its inputs laid out as in_specs say; inputs already split over
         # the sequence along `axis` (and the batch along `batch_axis`) do not move.
@@ -166,7 +178,7 @@ def context_parallel_sparse_attention(
         # device and are added outside, so no psum has to be transposed.
         out, lse, bi, kl_parts = jax.shard_map(
             local, mesh=mesh, in_specs=in_specs, check_vma=False,
-            out_specs=(seq4, seq3, seq4, P(axis if batch_axis is None else (batch_axis, axis))),
+            out_specs=(seq4, P(batch_axis, axis, head_axis), seq4, P(tuple(a for a in (batch_axis, head_axis, axis) if a))),
         )(*args)
         return out, lse, bi, jnp.sum(kl_parts)
 

@@ -112,22 +112,26 @@ def test_matches_one_device(implementation, mode, B, DI, BLOCK):
     assert set(_collectives(hlo, "all-reduce")) <= {"f32[]", "(f32[],f32[])"}
 
 
-# (implementation, mode, data shards, kv_length): right-padded rows, and the batch split over a
-# second mesh axis beside the sequence.
+# (implementation, mode, data shards, head shards, kv_length): right-padded rows, and the
+# batch or the heads split over a second mesh axis beside the sequence.
 RAGGED_CASES = [
-    ("xla", "sparse", 1, (64, 37)),
-    ("xla", "dense", 2, (50, 64)),
-    ("xla", "sparse", 2, None),
-    ("pallas", "sparse", 2, (64, 29)),
+    ("xla", "sparse", 1, 1, (64, 37)),
+    ("xla", "dense", 2, 1, (50, 64)),
+    ("xla", "sparse", 2, 1, None),
+    ("xla", "sparse", 1, 2, (64, 45)),
+    ("xla", "dense", 1, 2, None),
+    ("pallas", "sparse", 2, 1, (64, 29)),
+    ("pallas", "sparse", 1, 2, None),
 ]
 
 
-@pytest.mark.parametrize("implementation, mode, n_data, kv_length", RAGGED_CASES)
-def test_ragged_rows_and_batch_axis(implementation, mode, n_data, kv_length):
-    """kv_length (right padding) and batch_axis (the batch over a second mesh axis) give what
-    sparse_attention(q_offset=0, kv_length=...) gives on one device; with the batch split,
-    the all-gathers hold only the device's rows."""
-    n = N // n_data  # devices on the sequence axis
+@pytest.mark.parametrize("implementation, mode, n_data, n_heads, kv_length", RAGGED_CASES)
+def test_ragged_rows_batch_and_head_axes(implementation, mode, n_data, n_heads, kv_length):
+    """kv_length (right padding), batch_axis and head_axis (the batch or the heads over a
+    second mesh axis) give what sparse_attention(q_offset=0, kv_length=...) gives on one
+    device, d index_k included (summed over the head shards); the all-gathers hold only the
+    device's rows and kv heads, plus the whole one-headed index_k."""
+    n = N // (n_data * n_heads)  # devices on the sequence axis
     Di, block = (16, 16) if implementation == "pallas" else (DI, BLOCK)
     rng = np.random.default_rng(5)
     normal = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
@@ -141,13 +145,14 @@ def test_ragged_rows_and_batch_axis(implementation, mode, n_data, kv_length):
         r = msa_jax.sparse_attention(q, k, v, index_q, index_k, implementation="xla", **opts, **one_kw)
         return jnp.sum(jnp.where(jnp.isfinite(r.lse), r.lse, 0.0)) + jnp.sum(r.out * w) + r.kl_loss, r
 
-    mesh = jax.make_mesh((n_data, n), ("data", "seq"))
+    mesh = jax.make_mesh((n_data, n_heads, n), ("data", "heads", "seq"))
     batch_axis = "data" if n_data > 1 else None
+    head_axis = "heads" if n_heads > 1 else None
     w_zz = msa_jax.zigzag(w, n)
 
     def loss_cp(q, k, v, index_q, index_k):
         r = msa_jax.context_parallel_sparse_attention(
-            q, k, v, index_q, index_k, mesh=mesh, axis="seq", batch_axis=batch_axis, kv_length=kvl,
+            q, k, v, index_q, index_k, mesh=mesh, axis="seq", batch_axis=batch_axis, head_axis=head_axis, kv_length=kvl,
             implementation=implementation, **opts)
         return jnp.sum(jnp.where(jnp.isfinite(r.lse), r.lse, 0.0)) + jnp.sum(r.out * w_zz) + r.kl_loss, r
 
@@ -156,8 +161,9 @@ def test_ragged_rows_and_batch_axis(implementation, mode, n_data, kv_length):
     if kvl is not None:  # the padding is there: padding queries select nothing
         assert (np.asarray(want.block_indices)[1, int(kvl[1]):] == -1).all()
     natural = lambda x: np.asarray(msa_jax.unzigzag(np.asarray(x), n))  # noqa: E731
-    args = [jax.device_put(msa_jax.zigzag(x, n), NamedSharding(mesh, P(batch_axis, "seq")))
-            for x in (q, k, v, index_q, index_k)]
+    specs = [P(batch_axis, "seq", head_axis)] * 4 + [P(batch_axis, "seq")]
+    args = [jax.device_put(msa_jax.zigzag(x, n), NamedSharding(mesh, spec))
+            for x, spec in zip((q, k, v, index_q, index_k), specs)]
     compiled = jax.jit(jax.value_and_grad(loss_cp, argnums=range(5), has_aux=True)).lower(*args).compile()
     (value, got), grads = compiled(*args)
 
@@ -170,11 +176,11 @@ def test_ragged_rows_and_batch_axis(implementation, mode, n_data, kv_length):
     np.testing.assert_allclose(np.nan_to_num(natural(got.lse), neginf=0.0), np.nan_to_num(want.lse, neginf=0.0), **tol)
     for name, g, wg in zip(("q", "k", "v", "index_q", "index_k"), grads, want_grads):
         np.testing.assert_allclose(natural(g), wg, err_msg=f"d{name}", **tol)
-    assert tuple(got.out.sharding.spec)[:2] == (batch_axis, "seq"), got.out.sharding
+    assert tuple(got.out.sharding.spec)[:3] == (batch_axis, "seq", head_axis), got.out.sharding
 
     hlo = compiled.as_text()
-    b = 2 // n_data
-    kv_full, ik_full = f"f32[{b},{S},{HKV},{D}]", f"f32[{b},{S},{Di}]"
+    b, h = 2 // n_data, HKV // n_heads
+    kv_full, ik_full = f"f32[{b},{S},{h},{D}]", f"f32[{b},{S},{Di}]"
     assert sorted(_collectives(hlo, "all-gather")) == sorted([kv_full, kv_full, ik_full])
 
 
@@ -191,7 +197,12 @@ def test_rejects_bad_layouts():
     with pytest.raises(ValueError, match="multiple of mesh.shape\\['data'\\]"):
         msa_jax.context_parallel_sparse_attention(x, x, x, x, ik, mesh=mesh2, axis="seq", batch_axis="data",
                                                   block_size=8)
-    with pytest.raises(ValueError, match="batch_axis another one"):
+    with pytest.raises(ValueError, match="multiple of mesh.shape\\['data'\\] = 2 \\(a device holds whole GQA"):
+        msa_jax.context_parallel_sparse_attention(jnp.zeros((2, 16, 2, 16)), jnp.zeros((2, 16, 1, 16)),
+                                                  jnp.zeros((2, 16, 1, 16)), jnp.zeros((2, 16, 1, 16)),
+                                                  jnp.zeros((2, 16, 16)), mesh=mesh2, axis="seq", head_axis="data",
+                                                  block_size=8)
+    with pytest.raises(ValueError, match="batch_axis / head_axis other ones"):
         msa_jax.context_parallel_sparse_attention(x, x, x, x, ik, mesh=mesh2, axis="seq", batch_axis="seq",
                                                   block_size=8)
     with pytest.raises(ValueError, match="kv_length"):
