@@ -57,9 +57,9 @@ def main(argv=None):
             def kl(iq, ik, q, k, bi, lse, pos):
                 return autodiff.kl_sum(impl, cfg, q, k, iq, ik, bi, lse, *pos)
 
-            args = (x["index_q"], x["index_k"], x["q"], x["k"], bi, lse, pos)
-            t_value = median_ms(kl, args)
-            t_both = median_ms(jax.grad(kl, argnums=(0, 1)), args)
+            kl_args = (x["index_q"], x["index_k"], x["q"], x["k"], bi, lse, pos)
+            t_value = median_ms(kl, kl_args)
+            t_both = median_ms(jax.grad(kl, argnums=(0, 1)), kl_args)
             print(f"  {name}: value {t_value:.1f} ms, value + gradient {t_both:.1f} ms", flush=True)
 
 

@@ -126,7 +126,11 @@ for step in "$@"; do
         --ops ${PROFILE_OPS:-msa_fwd_bwd_kl dense_fwd_bwd} --impl cuda --out "$OUT" ;;
     ncu-train)
       # NCU_KERNELS: a regex of kernel names; the first NCU_COUNT launches that match are profiled.
-      run ncu-train ncu --clock-control none -k "regex:${NCU_KERNELS:-attention_bwd|kl_kernel}" -c "${NCU_COUNT:-3}" \
+      # Its first try (no --target-processes, preallocation on) segfaulted as JAX started
+      # (logs/h200-20261203-ncu-train-segfault.log); application-only keeps ncu out of the child
+      # processes XLA may start, a guess at the cause, not yet tried.
+      run ncu-train env XLA_PYTHON_CLIENT_PREALLOCATE=false ncu --clock-control none --target-processes application-only \
+        -k "regex:${NCU_KERNELS:-attention_bwd|kl_kernel}" -c "${NCU_COUNT:-3}" \
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
         --section WarpStateStats --section SchedulerStats --section Occupancy \
         python3 benchmarks/bench.py --config A --impl cuda --ops msa_fwd_bwd_kl --n 32768 --repeats 1 --warmup 0 \
