@@ -8,8 +8,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 MSA_JAX_CUDA ?= OFF
-# Two workers: the 2-core CI machine is otherwise ~1.3 cores busy.
-PYTEST_ARGS ?= -m "not gpu" -n 2
+# Two workers: the 2-core CI machine is otherwise ~1.3 cores busy. worksteal: an idle worker
+# takes queued tests from the other, so one long test near the end does not leave a core idle.
+# The 25 slowest tests are listed at the end, the data for keeping CI short.
+PYTEST_ARGS ?= -m "not gpu" -n 2 --dist worksteal --durations=25
 
 # The demo's model: SmolLM2-135M-Instruct converted with a budget of top_k x block = 256 tokens,
 # so that the 1024-token rows of the perplexity measurement are 4 budgets long.
