@@ -39,8 +39,11 @@ def test_reference_runs_at_32k_in_bounded_memory():
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    # Dense scores alone would be 8 heads x 32768^2 x 4 bytes = 34 GB; inputs are 40 MB.
-    assert res["peak_rss_gb"] < 4, res
+    # Dense scores alone would be 8 heads x 32768^2 x 4 bytes = 34 GB; inputs are 40 MB. Alone
+    # the run peaks at ~0.75 GB; beside the other tests on a loaded 2-core machine it reached
+    # 4.5 GB once (glibc's per-thread malloc arenas keep freed chunk buffers apart), so the
+    # bound is 8 GB: still far below what any N x N tensor would take.
+    assert res["peak_rss_gb"] < 8, res
     assert res["finite"] and res["tail_same_blocks"], res
     assert res["tail_rel_err"] < 1e-2, res
     # The last query (position 32767, local block 255) keeps 15 non-local blocks + local.
