@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from . import ffi
 from . import positions as pos_lib
 from .config import CallInfo
+from . import dispatch
 from .dispatch import Implementation
 from .ffi import ops
 from .kv_outer import partials as kv_partials, worklist
@@ -33,6 +34,9 @@ _STEP_ROWS = 64  # matrix rows per step of the attention kernel (query tokens x 
 # Steps per work item: one K/V tile load serves up to 64 x 64 rows. 64 ran the kernel 4% faster
 # than 32 at 32K and 128K (config A, H200; benchmarks/results/logs/h200-20261202-breakdown.log).
 _ITEM_STEPS = 64
+# The KL kernel reduces a token's G rows within one warp (cuda/kernels/kl_sm90.cuh, kMaxGroup);
+# for larger G the KL passes are Pallas's (the rest of the op stays CUDA).
+_KL_MAX_GROUP = 16
 
 
 @functools.cache
@@ -103,6 +107,8 @@ class CudaImplementation(Implementation):
                          block_size=cfg.block_size, deterministic=cfg.deterministic)
 
     def kl_fwd(self, q, k, index_q, index_k, block_indices, lse, positions, cfg):
+        if q.shape[2] // k.shape[2] > _KL_MAX_GROUP:
+            return dispatch.implementation("pallas").kl_fwd(q, k, index_q, index_k, block_indices, lse, positions, cfg)
         ffi.register_targets()
         if cfg.dense:
             block_indices = dense_indices(block_indices, k.shape[1], cfg.block_size)
@@ -110,6 +116,9 @@ class CudaImplementation(Implementation):
         return value, ilse  # the student's lse: the gradient pass needs it
 
     def kl_bwd(self, q, k, index_q, index_k, block_indices, lse, positions, cfg, dkl, saved):
+        if q.shape[2] // k.shape[2] > _KL_MAX_GROUP:
+            return dispatch.implementation("pallas").kl_bwd(q, k, index_q, index_k, block_indices, lse, positions, cfg,
+                                                            dkl, saved)
         ffi.register_targets()
         if cfg.dense:
             block_indices = dense_indices(block_indices, k.shape[1], cfg.block_size)

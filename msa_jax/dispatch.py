@@ -85,6 +85,11 @@ def register(impl: Implementation) -> None:
     _REGISTRY[impl.name] = impl
 
 
+def implementation(name: str) -> Implementation:
+    """The registered implementation called `name` (KeyError if none is)."""
+    return _REGISTRY[name]
+
+
 def default_order(platform: str) -> tuple[str, ...]:
     """Fastest first. On a GPU, cuda then pallas: as measured (benchmarks/results, H200, configs
     A and B, 8K to 128K), the CUDA indexer and attention forward beat Pallas's in every case

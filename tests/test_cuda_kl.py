@@ -4,7 +4,8 @@
 gradient from cuda/kernels/kl_sm90.cuh) against the `xla` reference on the same inputs
 upcast to float32, for the same block_indices: the value within 2e-3 relative, and
 d index_q, d index_k with cosine >= 0.999 and relative norm error <= 2e-2, at D 64 and 128,
-Di 64 and 128, G 1, 3, 7, 8 and 16, bf16 and fp16, ragged rows with padding and multi-token
+Di 64 and 128, G 1, 2, 3, 4, 5, 7, 8, 16 and 32 (the
+last through Pallas's KL), bf16 and fp16, ragged rows with padding and multi-token
 decode, in both the atomic and the deterministic mode. Also: dense mode, bitwise repeatable
 deterministic gradients, sparse_attention's training step runs the CUDA KL kernels (and
 none of Pallas), and no KL kernel runs when nothing asks for the loss.
@@ -31,12 +32,16 @@ MAX_VALUE_REL_ERR = 2e-3
 # (B, T, S, Hq, Hkv, D, Di, dtype, q_offset, kv_length); None = the spec's defaults.
 CASES = (
     (1, 2048, 2048, 2, 2, 128, 128, "bfloat16", None, None),  # G = 1
+    (1, 2048, 2048, 4, 2, 64, 128, "bfloat16", None, None),  # G = 2
     (1, 2048, 2048, 6, 2, 64, 64, "bfloat16", None, None),  # G = 3, D and Di 64
     (1, 2048, 2048, 6, 2, 128, 64, "float16", None, None),  # G = 3, fp16, Di 64
+    (1, 2048, 2048, 8, 2, 128, 64, "float16", None, None),  # G = 4, fp16
+    (1, 2048, 2048, 10, 2, 128, 128, "bfloat16", None, None),  # G = 5 (3 padding rows a token)
     (1, 2048, 2048, 7, 1, 64, 128, "bfloat16", None, None),  # G = 7
     (1, 4096, 4096, 16, 2, 128, 128, "bfloat16", None, None),  # G = 8
     (1, 2048, 2048, 32, 2, 64, 128, "float16", None, None),  # G = 16, D 64
     (1, 4096, 4096, 64, 4, 128, 128, "bfloat16", None, None),  # config A's heads
+    (1, 2048, 2048, 64, 2, 64, 64, "bfloat16", None, None),  # G = 32: Pallas's KL (G > 16)
     (3, 1000, 3000, 16, 2, 128, 128, "bfloat16", (2000, 500, -300), (3000, 2100, 1500)),  # ragged + padding
     (2, 16, 20000, 16, 2, 64, 64, "bfloat16", None, (20000, 7777)),  # multi-token decode
 )

@@ -37,7 +37,7 @@ cudaError_t launch_dtype(const KLParams& p, cudaStream_t stream) {
 
 bool kl_sm90_supports(int head_dim, int index_head_dim, int block_size, int group) {
   return (head_dim == 64 || head_dim == 128) && (index_head_dim == 64 || index_head_dim == 128) &&
-         block_size == attention_sm90::kBlock && group >= 1 && group <= attention_sm90::kRows;
+         block_size == attention_sm90::kBlock && group >= 1 && group <= kl_sm90::kMaxGroup;
 }
 
 cudaError_t launch_kl_sm90(const KLParams& p, ElementType dtype, cudaStream_t stream) {

@@ -9,17 +9,21 @@
 //
 // One CTA per work item: one 128-key tile of kv head g and up to `count` (query, slot)
 // entries that selected it. K and the tile's index keys are loaded once (TMA). A step covers
-// 64 matrix rows, 64 / G query tokens x G heads; the student's rows are laid out the same
-// way (a token's index_q is gathered into its first, "lead", row only; the other rows stay
-// zero), so one MMA shape serves both:
+// 64 matrix rows: 64 / S query tokens x S row slots, S = G rounded up to a power of two (slots
+// past G are padding rows that hold no head). The student's rows are laid out the same way
+// (a token's index_q is gathered into its first, "lead", row only; the other rows stay zero),
+// so one MMA shape serves both:
 //   S = Q Kᵀ, P(row) = exp(s S - lse) (exact: lse is the row's over its whole support),
-//   U = IQ Kiᵀ (only lead rows matter).
-// Then everything per token happens once per token, not once per head row: for G > 1 the
-// rows' P and the lead rows' u go to fp32 shared memory and a token pass (one warp per
-// token, two keys per lane) forms P̄ = the mean of the token's G rows and computes the value
-// partials or du = R - P̄ from it; for G = 1 every row is its own token and the same work
-// runs in registers. du goes to shared memory as bf16 at the token's lead row, where both
-// d index_q = du Ki and d index_k = duᵀ IQ read it.
+//   U = IQ Kiᵀ (only lead rows are non-zero).
+// Then everything per token happens once per token, not once per head row, and in registers:
+// with S a power of two a token's rows are a fixed set of accumulator lanes (S <= 8: S
+// consecutive lane quads of one register row; S = 16: both register rows of a whole warp), so
+// a reduce-scatter over those lanes (`reduce_scatter`) sums the token's P over its heads and
+// its u (the lead row's, the others are zero) and leaves each lane a few of the token's keys.
+// There P̄ = sum / G, and the value partials (reduced over the token's lanes) or du = R - P̄
+// follow. du goes to shared memory as bf16 at the token's lead row, where both
+// d index_q = du Ki and d index_k = duᵀ IQ read it. The value pass needs no shared memory
+// besides its operands and no barrier besides the stage's.
 // Roles as in the backward (attention_bwd_sm90.cuh): warpgroup 0 gathers q and index_q rows by
 // cp.async (warp w < kStages fills steps w, w + kStages, ...; lane 0 of warp 0 issues the
 // TMA); warpgroups 1 and 2 each own one 64-key half of the tile and take every step.
@@ -53,30 +57,37 @@ constexpr int kThreads = 128 * 3;
 constexpr int kLoadRegisters = 56;
 constexpr int kComputeRegisters = 224;
 
-// Element (row, key) of a 64-float-per-row buffer, 8-float groups XOR-swizzled by the row so
-// that the accumulator's writes (8 rows x 8 keys a warp) and row reads hit distinct banks.
-__device__ __forceinline__ int swizzled(int row, int key) { return row * kHalf + (key ^ ((row & 7) << 3)); }
+constexpr int kMaxGroup = 16;     // a token's rows must lie within one warp (reduce_scatter)
+
+// Row slots per token: G rounded up to a power of two.
+__host__ __device__ constexpr int row_slots(int group) {
+  int slots = 1;
+  while (slots < group) slots *= 2;
+  return slots;
+}
 
 using IndexElement = cutlass::bfloat16_t;
+
+// Row r of step c when a token takes `slots` rows: the token's (query, slot) entry and the
+// row's head. Padding rows (r % slots >= G) carry their token's entry too; they hold no head.
+template <class Params>
+__device__ __forceinline__ RowEntry kl_row_entry(const Params& p, int b, int g, int start, int count, int group,
+                                                 int slots, int c, int r) {
+  RowEntry e = row_entry(p, b, g, start, count, slots, c, r);
+  e.head = g * group + r % slots;
+  return e;
+}
 
 // What a step needs of one matrix row besides its q: loaded one step ahead (the entry, then
 // the loads that depend on it), so their latency hides behind the previous step's work.
 struct RowMeta {
   float lse_log2;  // the teacher row's lse in log2 units
-  float ilse;      // the student's lse (gradient pass, lead rows)
-  int visible;     // keys of this warpgroup's half the row's query sees
-  int query;       // relative to q_base, -1: dead row
-  int part_row;    // query * top_k + slot, -1: dead row
-  bool lead;       // live and the first of its token's G rows
+  float ilse;      // the student's lse of the row's token (gradient pass)
+  int p_visible;   // keys of this warpgroup's half the row's P covers: 0 for dead and padding rows
+  int visible;     // keys of this half the row's token sees: 0 for a dead token
+  int query;       // the token's, relative to q_base; -1: dead token
+  int part_row;    // the token's query * top_k + slot; -1: dead token
 };
-
-// A token's row metadata as its lead row's thread publishes it for the token pass (G > 1).
-struct TokenMeta {
-  int part_row;  // -1: dead token
-  int visible;
-  float ilse;
-};
-
 template <int kD_, int kDi_, class Element_, bool kGrad_>
 struct Config {
   static constexpr int kD = kD_;
@@ -134,9 +145,6 @@ struct Config {
     array_aligned<Element, cosize_v<SmemLayoutK>, 1024> k;
     array_aligned<IndexElement, cosize_v<SmemLayoutIK>, 1024> ik;
     array_aligned<IndexElement, kGrad ? 2 * cosize_v<SmemLayoutDUt> : 8, 1024> du;  // one du per warpgroup
-    array_aligned<float, 2 * kRows * kHalf, 16> p;      // one P (rows x keys, fp32) per warpgroup (G > 1)
-    array_aligned<float, 2 * kRows / 2 * kHalf, 16> u;  // one u (tokens <= 32 x keys) per warpgroup (G > 1)
-    TokenMeta token[2][kRows / 2];                      // the tokens' lead-row metadata, per warpgroup (G > 1)
     uint64_t full[kStages];   // mbarrier: stage gathered (1 arrival: the warp's lane 0)
     uint64_t empty[kStages];  // mbarrier: stage read (256 arrivals: both computing warpgroups)
     uint64_t tile_full;       // mbarrier: K and index keys landed (TMA transaction bytes)
@@ -187,26 +195,42 @@ __device__ __forceinline__ void gather_rows(Tensor&& stage, const Element* base,
   }
 }
 
-__device__ __forceinline__ float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
-}
-
-__device__ __forceinline__ float quad_sum(float x) {
-  x += __shfl_xor_sync(0xffffffff, x, 1);
-  return x + __shfl_xor_sync(0xffffffff, x, 2);
-}
-
-__device__ __forceinline__ float warp_max(float x) {
+// x reduced over the kSpan lanes (a power of two <= 32) that share a token.
+template <int kSpan>
+__device__ __forceinline__ float span_max(float x) {
   CUTE_UNROLL
-  for (int o = 1; o < 32; o *= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, o));
+  for (int o = 1; o < kSpan; o *= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, o));
   return x;
 }
 
-__device__ __forceinline__ float warp_sum(float x) {
+template <int kSpan>
+__device__ __forceinline__ float span_sum(float x) {
   CUTE_UNROLL
-  for (int o = 1; o < 32; o *= 2) x += __shfl_xor_sync(0xffffffff, x, o);
+  for (int o = 1; o < kSpan; o *= 2) x += __shfl_xor_sync(0xffffffff, x, o);
   return x;
+}
+
+// Sums a[k] and b[k] (k < kN, the same kN columns in every lane) over the lanes that differ
+// in lane bits 2 .. 1 + kLevels, halving the columns a lane keeps at each level: after it
+// a[k], b[k] for k < kN >> kLevels hold the sums of column `base + k`, base returned. The
+// lanes of such a set hold kN >> kLevels distinct columns each, together all kN.
+template <int kLevels, int kN>
+__device__ __forceinline__ int reduce_scatter(float (&a)[kN], float (&b)[kN], int lane) {
+  int base = 0;
+  for_each(make_seq<kLevels>{}, [&](auto level) {
+    constexpr int kKeep = kN >> (decltype(level)::value + 1);
+    constexpr int kMask = 4 << (kLevels - 1 - decltype(level)::value);
+    const bool upper = (lane & kMask) != 0;
+    CUTE_UNROLL
+    for (int k = 0; k < kKeep; ++k) {
+      const float a_send = upper ? a[k] : a[k + kKeep];
+      const float b_send = upper ? b[k] : b[k + kKeep];
+      a[k] = (upper ? a[k + kKeep] : a[k]) + __shfl_xor_sync(0xffffffff, a_send, kMask);
+      b[k] = (upper ? b[k + kKeep] : b[k]) + __shfl_xor_sync(0xffffffff, b_send, kMask);
+    }
+    if (upper) base += kKeep;
+  });
+  return base;
 }
 
 template <class Cfg>
@@ -222,7 +246,10 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
   WorkItem w;
   if (!load_work_item(p, w)) return;
   const int g = w.g, b = w.b, start = w.start, count = w.count, tile = w.tile;
-  const int group = w.group, tokens = w.tokens, n_steps = w.n_steps;
+  const int group = w.group;
+  const int slots = row_slots(group);
+  const int tokens = kRows / slots;
+  const int n_steps = (count + tokens - 1) / tokens;
 
   const int warp_group = threadIdx.x / 128;
   const int warp = threadIdx.x / 32;
@@ -234,11 +261,16 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
     }
     cutlass::arch::ClusterTransactionBarrier::init(&smem.tile_full, 1);
   }
-  // index_q rows that are no token's lead row and du rows that no token writes stay zero for
-  // the whole item (the products read them); made visible to wgmma by the proxy fence.
+  // index_q rows that are no token's lead row, du rows that no token writes and q's padding
+  // rows stay zero for the whole item (the products read them); made visible to wgmma by the
+  // proxy fence.
   {
     uint4* iq = reinterpret_cast<uint4*>(smem.iq.data());
     for (int i = threadIdx.x; i < int(sizeof(smem.iq) / 16); i += kThreads) iq[i] = make_uint4(0, 0, 0, 0);
+    if (slots != group) {
+      uint4* q = reinterpret_cast<uint4*>(smem.q.data());
+      for (int i = threadIdx.x; i < int(sizeof(smem.q) / 16); i += kThreads) q[i] = make_uint4(0, 0, 0, 0);
+    }
     uint4* du = reinterpret_cast<uint4*>(smem.du.data());
     for (int i = threadIdx.x; i < int(sizeof(smem.du) / 16); i += kThreads) du[i] = make_uint4(0, 0, 0, 0);
     cutlass::arch::fence_view_async_shared();
@@ -279,11 +311,11 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
       int src_q[2], src_iq[2];
       CUTE_UNROLL
       for (int h = 0; h < 2; ++h) {
-        const RowEntry e = row_entry(p, b, g, start, count, group, c, lane + 32 * h);
-        src_q[h] = e.query < 0 ? -1 : row_src(p, e);
-        // Only a token's lead row holds its index_q; the others stay zero from the start.
         const int r = lane + 32 * h;
-        src_iq[h] = r % group != 0 ? -2 : e.query < 0 ? -1 : (p.q_base + e.query) * p.num_kv_heads + g;
+        const RowEntry e = kl_row_entry(p, b, g, start, count, group, slots, c, r);
+        // Padding rows and the index_q of rows other than a token's lead row stay zero.
+        src_q[h] = r % slots >= group ? -2 : e.query < 0 ? -1 : row_src(p, e);
+        src_iq[h] = r % slots != 0 ? -2 : e.query < 0 ? -1 : (p.q_base + e.query) * p.num_kv_heads + g;
       }
       cutlass::arch::ClusterBarrier::wait(&smem.empty[s], ((c / kStages) & 1) ^ 1);
       gather_rows<Cfg::kChunks>(sQ(_, _, s), q, kD, src_q, lane);
@@ -301,7 +333,6 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
   cutlass::arch::warpgroup_reg_alloc<kComputeRegisters>();
   const int half = warp_group - 1;  // this warpgroup's keys: tile + 64 * half + [0, 64)
   const int thread = threadIdx.x % 128;
-  const int wg_warp = thread / 32;
   const int key0 = tile + kHalf * half;
   typename Cfg::MmaS mma_s;
   typename Cfg::MmaU mma_u;
@@ -316,8 +347,6 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
   // S and U are both m64 n64 accumulators: one (row, key) map serves both.
   Tensor coord_s = thr_s.partition_C(make_identity_tensor(Shape<Int<kRows>, Int<kHalf>>{}));
   Tensor cs = make_tensor(coord_s.data(), sm90::acc_rows_by_cols(coord_s.layout()));  // (2, 16)
-  float* sP = smem.p.data() + half * kRows * kHalf;
-  float* sU = smem.u.data() + half * (kRows / 2) * kHalf;
 
   // Gradient pass only: du (bf16, non-zero at lead rows only) and its two products.
   typename Cfg::MmaDIQ mma_diq;
@@ -350,7 +379,7 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
   const cutlass::arch::NamedBarrier warpgroup_sync(128, half);  // this warpgroup only
 
   // One token's value partials (max u, sum exp(u - max), sum P̄ log P̄ - P̄ u, sum P̄) over the
-  // visible keys among this thread's n; `reduce` combines them over the threads sharing the token.
+  // visible keys among this lane's n; `reduce_*` combine them over the lanes sharing the token.
   auto token_partials = [&](auto n, const float* u, const float* pm, const bool* ok, auto reduce_max,
                             auto reduce_sum) {
     float m = -INFINITY;
@@ -381,41 +410,75 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
   auto load_meta = [&](int c, RowMeta (&m)[2]) {
     CUTE_UNROLL
     for (int i = 0; i < 2; ++i) {
-      const RowEntry e = row_entry(p, b, g, start, count, group, c, my_row[i]);
-      const bool live = e.query >= 0;
-      m[i].lse_log2 = live ? p.lse[batch_rows + row_src(p, e)] * float(M_LOG2E) : 0.0f;
-      m[i].visible = min(max(row_last_visible(p, b, e) - key0 + 1, 0), kHalf);
+      const RowEntry e = kl_row_entry(p, b, g, start, count, group, slots, c, my_row[i]);
+      const bool token_live = e.query >= 0;
+      const bool head_live = token_live && my_row[i] % slots < group;
+      const int visible = min(max(row_last_visible(p, b, e) - key0 + 1, 0), kHalf);  // 0 if dead
+      m[i].lse_log2 = head_live ? p.lse[batch_rows + row_src(p, e)] * float(M_LOG2E) : 0.0f;
+      m[i].p_visible = head_live ? visible : 0;
+      m[i].visible = visible;
       m[i].query = e.query;
-      m[i].part_row = live ? e.query * p.top_k + e.slot : -1;
-      m[i].lead = live && my_row[i] % group == 0;
+      m[i].part_row = token_live ? e.query * p.top_k + e.slot : -1;
       m[i].ilse = 0.0f;
       if constexpr (Cfg::kGrad) {
-        if (m[i].lead) m[i].ilse = load_ilse(e.query);
+        if (token_live) m[i].ilse = load_ilse(e.query);
       }
     }
   };
-  TokenMeta* sTok = smem.token[half];
+
+  // The token work of one step with `slots` = S rows per token (a compile-time power of two):
+  // each token's P summed over its heads and its u, reduce-scattered over the token's lanes,
+  // then the value partials or du for the keys each lane keeps.
+  auto token_step = [&](auto slots_c, auto& ps, auto& us, const RowMeta (&cur)[2]) {
+    constexpr int S = decltype(slots_c)::value;
+    constexpr int kCols = decltype(size<1>(ps))::value;   // a row's keys in this thread: 16
+    constexpr int kLevels = S >= 8 ? 3 : S == 4 ? 2 : S == 2 ? 1 : 0;
+    constexpr int kOwn = kCols >> kLevels;                // keys per lane per token afterwards
+    [[maybe_unused]] constexpr int kSpan = S >= 8 ? 32 : 4 * S;  // lanes sharing a token
+    constexpr int kTokens = S == 16 ? 1 : 2;              // tokens among this thread's two rows
+    CUTE_UNROLL
+    for (int t = 0; t < kTokens; ++t) {
+      float pv[kCols], uv[kCols];
+      CUTE_UNROLL
+      for (int j = 0; j < kCols; ++j) {
+        pv[j] = S == 16 ? ps(0, j) + ps(1, j) : ps(t, j);
+        uv[j] = S == 16 ? us(0, j) + us(1, j) : us(t, j);
+      }
+      const int base = reduce_scatter<kLevels>(pv, uv, lane);
+      const RowMeta& tm = cur[t];  // any row of the token: they share its entry
+      float u[kOwn], pm[kOwn];
+      bool ok[kOwn];
+      int key[kOwn];
+      CUTE_UNROLL
+      for (int k = 0; k < kOwn; ++k) {
+        key[k] = get<1>(cs(0, base + k));
+        u[k] = uv[k] * iscale;
+        pm[k] = pv[k] * inv_group;
+        ok[k] = key[k] < tm.visible;
+      }
+      if constexpr (!Cfg::kGrad) {
+        const float4 part = token_partials(
+            Int<kOwn>{}, u, pm, ok, [](float x) { return span_max<kSpan>(x); },
+            [](float x) { return span_sum<kSpan>(x); });
+        if (tm.part_row >= 0 && lane % kSpan == 0) *partial_at(tm.part_row) = part;
+      } else {
+        const int lead_row = my_row[t] / S * S;
+        CUTE_UNROLL
+        for (int k = 0; k < kOwn; ++k) {
+          const float du = ok[k] ? exp2f((u[k] - tm.ilse) * float(M_LOG2E)) - pm[k] : 0.0f;
+          sDU(lead_row, key[k]) = IndexElement(du);
+        }
+      }
+    }
+  };
+
   RowMeta meta[2];
   load_meta(0, meta);
 
   cutlass::arch::ClusterTransactionBarrier::wait(&smem.tile_full, 0);
   for (int c = 0; c < n_steps; ++c) {
     const int s = c % kStages;
-    // This thread's two rows (see RowMeta), loaded during the previous step.
-    float lse_log2[2];
-    int visible[2], query[2];
-    int64_t part_row[2];
-    bool lead[2];
-    float row_ilse[2];
-    CUTE_UNROLL
-    for (int i = 0; i < 2; ++i) {
-      lse_log2[i] = meta[i].lse_log2;
-      visible[i] = meta[i].visible;
-      query[i] = meta[i].query;
-      part_row[i] = meta[i].part_row;
-      lead[i] = meta[i].lead;
-      row_ilse[i] = meta[i].ilse;
-    }
+    const RowMeta cur[2] = {meta[0], meta[1]};  // this thread's two rows, loaded during the previous step
     cutlass::arch::ClusterBarrier::wait(&smem.full[s], (c / kStages) & 1);
 
     Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kRows>, Int<kHalf>>{});
@@ -450,82 +513,17 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
     for (int i = 0; i < 2; ++i) {
       CUTE_UNROLL
       for (int j = 0; j < size<1>(ps); ++j) {
-        ps(i, j) = get<1>(cs(i, j)) < visible[i] ? exp2f(ps(i, j) * scale_log2 - lse_log2[i]) : 0.0f;
+        ps(i, j) = get<1>(cs(i, j)) < cur[i].p_visible ? exp2f(ps(i, j) * scale_log2 - cur[i].lse_log2) : 0.0f;
       }
     }
-    // Once every warp is past the previous step's reads of sP / sU and its products' reads of du.
-    if (group > 1 || Cfg::kGrad) warpgroup_sync.arrive_and_wait();
-    if (group == 1) {
-      // Every row is its own token: P̄ = P, and the token's work runs in this thread's registers
-      // (a row's 64 keys are spread over a quad).
-      constexpr int kCols = decltype(size<1>(ps))::value;
-      CUTE_UNROLL
-      for (int i = 0; i < 2; ++i) {
-        float u[kCols], pm[kCols];
-        bool ok[kCols];
-        CUTE_UNROLL
-        for (int j = 0; j < kCols; ++j) {
-          u[j] = us(i, j) * iscale;
-          pm[j] = ps(i, j);
-          ok[j] = query[i] >= 0 && get<1>(cs(i, j)) < visible[i];
-        }
-        if constexpr (!Cfg::kGrad) {
-          const float4 part = token_partials(
-              Int<kCols>{}, u, pm, ok, [](float x) { return quad_max(x); }, [](float x) { return quad_sum(x); });
-          if (lead[i] && lane % 4 == 0) *partial_at(part_row[i]) = part;
-        } else {
-          const float ilse = row_ilse[i];
-          CUTE_UNROLL
-          for (int j = 0; j < kCols; ++j) {
-            const float du = ok[j] ? exp2f((u[j] - ilse) * float(M_LOG2E)) - pm[j] : 0.0f;
-            sDUt(get<1>(cs(i, j)), my_row[i]) = IndexElement(du);
-          }
-        }
-      }
-    } else {
-      // Every row's P and each lead row's u and metadata to shared memory, then one warp per token.
-      CUTE_UNROLL
-      for (int i = 0; i < 2; ++i) {
-        if (my_row[i] % group == 0 && my_row[i] / group < tokens && lane % 4 == 0) {
-          sTok[my_row[i] / group] = TokenMeta{lead[i] ? int(part_row[i]) : -1, visible[i], row_ilse[i]};
-        }
-        CUTE_UNROLL
-        for (int j = 0; j < size<1>(ps); ++j) {
-          sP[swizzled(my_row[i], get<1>(cs(i, j)))] = ps(i, j);
-          if (my_row[i] % group == 0 && my_row[i] / group < tokens) {
-            sU[swizzled(my_row[i] / group, get<1>(cs(i, j)))] = us(i, j) * iscale;
-          }
-        }
-      }
-      warpgroup_sync.arrive_and_wait();
-      for (int t = wg_warp; t < tokens; t += 4) {
-        const TokenMeta tm = sTok[t];
-        const bool live = tm.part_row >= 0;
-        const int vis = tm.visible;
-        float u[2], pm[2];
-        bool ok[2];
-        CUTE_UNROLL
-        for (int j = 0; j < 2; ++j) {
-          const int key = lane + 32 * j;
-          float sum = 0.0f;
-          for (int h = 0; h < group; ++h) sum += sP[swizzled(t * group + h, key)];
-          pm[j] = sum * inv_group;
-          u[j] = sU[swizzled(t, key)];
-          ok[j] = live && key < vis;
-        }
-        if constexpr (!Cfg::kGrad) {
-          const float4 part = token_partials(
-              _2{}, u, pm, ok, [](float x) { return warp_max(x); }, [](float x) { return warp_sum(x); });
-          if (live && lane == 0) *partial_at(tm.part_row) = part;
-        } else {
-          const float ilse = tm.ilse;
-          CUTE_UNROLL
-          for (int j = 0; j < 2; ++j) {
-            const float du = ok[j] ? exp2f((u[j] - ilse) * float(M_LOG2E)) - pm[j] : 0.0f;
-            sDU(t * group, lane + 32 * j) = IndexElement(du);
-          }
-        }
-      }
+    // Once every warp is past the previous step's products, which read du.
+    if constexpr (Cfg::kGrad) warpgroup_sync.arrive_and_wait();
+    switch (slots) {
+      case 1: token_step(_1{}, ps, us, cur); break;
+      case 2: token_step(_2{}, ps, us, cur); break;
+      case 4: token_step(_4{}, ps, us, cur); break;
+      case 8: token_step(_8{}, ps, us, cur); break;
+      default: token_step(_16{}, ps, us, cur); break;
     }
 
     if constexpr (Cfg::kGrad) {
@@ -557,9 +555,10 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
       Tensor diq = make_tensor(acc_diq.data(), sm90::acc_rows_by_cols(acc_diq.layout()));  // (2, Di/4)
       CUTE_UNROLL
       for (int i = 0; i < 2; ++i) {
-        if (!lead[i]) continue;
-        const int64_t row = p.deterministic ? (int64_t(b) * p.num_entries + part_row[i]) * p.num_kv_heads + g
-                                            : (int64_t(b) * p.q_len + p.q_base + query[i]) * p.num_kv_heads + g;
+        if (cur[i].query < 0 || my_row[i] % slots != 0) continue;  // only lead rows of du are non-zero
+        const int64_t row = p.deterministic
+                                ? (int64_t(b) * p.num_entries + cur[i].part_row) * p.num_kv_heads + g
+                                : (int64_t(b) * p.q_len + p.q_base + cur[i].query) * p.num_kv_heads + g;
         float* out = p.d_index_q + row * kDi;
         CUTE_UNROLL
         for (int j = 0; j < size<1>(diq); j += 2) {
@@ -595,7 +594,7 @@ cudaError_t launch(const KLParams& p, cudaStream_t stream) {
                                 : sm90::aligned16(p.partial);
   if (!sm90::aligned16(p.q) || !sm90::aligned16(p.k) || !sm90::aligned16(p.index_q) || !sm90::aligned16(p.index_k) ||
       !outputs_ok || p.head_dim != kD || p.index_head_dim != kDi || p.block_size != kBlock || group < 1 ||
-      group > kRows || group * p.num_kv_heads != p.num_q_heads || p.batch < 1 || p.batch > 65535 ||
+      group > kMaxGroup || group * p.num_kv_heads != p.num_q_heads || p.batch < 1 || p.batch > 65535 ||
       p.num_kv_heads > 65535 || p.num_items < 1 || p.top_k < 1 || p.kv_len < 1 || p.q_len < 1) {
     return cudaErrorInvalidValue;
   }
