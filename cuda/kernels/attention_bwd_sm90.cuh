@@ -48,6 +48,16 @@ constexpr int kThreads = 128 * 3;
 constexpr int kLoadRegisters = 40;
 constexpr int kComputeRegisters = 232;
 
+// What the compute warpgroups need of a matrix row of a step besides its q and dout; the
+// gathering warp loads it with the row's source and writes it beside the stage, so its
+// latency hides behind the gathers in flight and the compute side holds no registers for it.
+struct RowInfo {
+  int64_t dq_row;  // where its dQ share goes; -1: dead row
+  float lse_log2;  // the row's lse in log2 units
+  float delta;     // rowsum(dout * out) - dlse
+  int last;        // its query's last visible key (absolute); -1: dead row
+};
+
 template <int kD_, class Element_>
 struct Config {
   static constexpr int kD = kD_;
@@ -92,6 +102,7 @@ struct Config {
     array_aligned<Element, cosize_v<SmemLayoutKV>, 1024> v;
     array_aligned<Element, 2 * cosize_v<SmemLayoutPt>, 1024> p;   // one Pᵀ per warpgroup
     array_aligned<Element, 2 * cosize_v<SmemLayoutPt>, 1024> ds;  // one dSᵀ per warpgroup
+    RowInfo info[kStages][kRows];  // the stage's rows (written by its gathering warp)
     uint64_t full[kStages];   // mbarrier: stage gathered (1 arrival: the warp's lane 0)
     uint64_t empty[kStages];  // mbarrier: stage read (256 arrivals: both computing warpgroups)
     uint64_t kv_full;         // mbarrier: K and V landed (TMA transaction bytes)
@@ -168,18 +179,28 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int64_t batch_rows = int64_t(b) * p.q_len * p.num_q_heads;
     const Element* q = static_cast<const Element*>(p.q) + batch_rows * kD;
     const Element* dout = static_cast<const Element*>(p.dout) + batch_rows * kD;
-    // Step c (c % kStages == warp): lane l finds the source rows of matrix rows l and l + 32,
-    // then the warp gathers q and dout of the step, each lane taking its 16-byte pieces' rows
-    // from the lane that found them; dead rows are zero-filled.
+    // Step c (c % kStages == warp): lane l finds the source rows of matrix rows l and l + 32
+    // and their RowInfo, then the warp gathers q and dout of the step, each lane taking its
+    // 16-byte pieces' rows from the lane that found them; dead rows are zero-filled.
     for (int c = warp; c < n_steps; c += kStages) {
       const int s = c % kStages;
       int src[2];
+      RowInfo info[2];
       CUTE_UNROLL
       for (int h = 0; h < 2; ++h) {
         const RowEntry e = row_entry(p, b, g, start, count, group, c, lane + 32 * h);
-        src[h] = e.query < 0 ? -1 : row_src(p, e);
+        const bool live = e.query >= 0;
+        src[h] = live ? row_src(p, e) : -1;
+        info[h].dq_row = !live ? -1
+                         : p.deterministic ? int64_t(b) * p.num_out_rows + row_out(p, e)
+                                           : batch_rows + src[h];
+        info[h].lse_log2 = live ? p.lse[batch_rows + src[h]] * float(M_LOG2E) : 0.0f;
+        info[h].delta = live ? p.delta[batch_rows + src[h]] : 0.0f;
+        info[h].last = row_last_visible(p, b, e);
       }
       cutlass::arch::ClusterBarrier::wait(&smem.empty[s], ((c / kStages) & 1) ^ 1);
+      smem.info[s][lane] = info[0];
+      smem.info[s][lane + 32] = info[1];
       constexpr int kPieces = kRows * Cfg::kChunks / 32;  // per lane
       static_assert(32 % Cfg::kChunks == 0, "one gather instruction covers whole rows");
       CUTE_UNROLL
@@ -249,30 +270,25 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     const float scale = p.softmax_scale;
     const float scale_log2 = scale * float(M_LOG2E);
-    const int64_t batch_rows = int64_t(b) * p.q_len * p.num_q_heads;
     const int my_row[2] = {get<0>(cs(0, 0)), get<0>(cs(1, 0))};  // of every step
     const cutlass::arch::NamedBarrier warpgroup_sync(128, half);  // this warpgroup only
 
     cutlass::arch::ClusterTransactionBarrier::wait(&smem.kv_full, 0);
     for (int c = 0; c < n_steps; ++c) {
       const int s = c % kStages;
+      cutlass::arch::ClusterBarrier::wait(&smem.full[s], (c / kStages) & 1);
       // This thread's two rows: where dQ goes, their lse (log2 units), delta, visible keys.
       int64_t dq_row[2];
       float lse_log2[2], delta[2];
       int visible[2];
       CUTE_UNROLL
       for (int i = 0; i < 2; ++i) {
-        const RowEntry e = row_entry(p, b, g, start, count, group, c, my_row[i]);
-        const bool live = e.query >= 0;
-        const int src = live ? row_src(p, e) : 0;
-        dq_row[i] = !live ? -1
-                    : p.deterministic ? int64_t(b) * p.num_out_rows + row_out(p, e)
-                                      : batch_rows + src;
-        lse_log2[i] = live ? p.lse[batch_rows + src] * float(M_LOG2E) : 0.0f;
-        delta[i] = live ? p.delta[batch_rows + src] : 0.0f;
-        visible[i] = min(max(row_last_visible(p, b, e) - key0 + 1, 0), kHalf);
+        const RowInfo info = smem.info[s][my_row[i]];
+        dq_row[i] = info.dq_row;
+        lse_log2[i] = info.lse_log2;
+        delta[i] = info.delta;
+        visible[i] = min(max(info.last - key0 + 1, 0), kHalf);
       }
-      cutlass::arch::ClusterBarrier::wait(&smem.full[s], (c / kStages) & 1);
 
       // S = Q Kᵀ and dP = dO Vᵀ over this half's keys.
       Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kRows>, Int<kHalf>>{});
