@@ -50,12 +50,12 @@ using namespace cute;
 using namespace attention_sm90;
 
 constexpr int kHalf = kBlock / 2;  // keys per computing warpgroup
-constexpr int kStages = 3;         // (q, index_q) buffers of 64 rows; one gathering warp each
+constexpr int kStages = 4;         // (q, index_q) buffers of 64 rows; one gathering warp each
 constexpr int kThreads = 128 * 3;
-// 128 x 56 + 256 x 224 <= 65536 registers per SM. The compute code fits the 168 the launch
-// bounds give ptxas; the gatherer's 2 x 32 cp.async per step spill below 56.
-constexpr int kLoadRegisters = 56;
-constexpr int kComputeRegisters = 224;
+// 128 x 72 + 256 x 216 <= 65536 registers per SM. The gatherer (its rows' sources and info
+// across the stage wait, 2 x 32 cp.async a step) spills below 72; the compute side fits 216.
+constexpr int kLoadRegisters = 72;
+constexpr int kComputeRegisters = 216;
 
 constexpr int kMaxGroup = 16;     // a token's rows must lie within one warp (reduce_scatter)
 
@@ -78,15 +78,26 @@ __device__ __forceinline__ RowEntry kl_row_entry(const Params& p, int b, int g, 
   return e;
 }
 
-// What a step needs of one matrix row besides its q: loaded one step ahead (the entry, then
-// the loads that depend on it), so their latency hides behind the previous step's work.
-struct RowMeta {
+// What the compute warpgroups need of a matrix row of a step besides its q: the gathering
+// warp loads it with the row's source and writes it beside the stage, so its latency hides
+// behind the gathers in flight and the compute side holds no registers for it.
+struct RowInfo {
   float lse_log2;  // the teacher row's lse in log2 units
   float ilse;      // the student's lse of the row's token (gradient pass)
-  int p_visible;   // keys of this warpgroup's half the row's P covers: 0 for dead and padding rows
-  int visible;     // keys of this half the row's token sees: 0 for a dead token
+  int last_p;      // the last key the row's P covers (absolute): -1 for dead and padding rows
+  int last;        // the last key the row's token sees (absolute): -1 for a dead token
   int query;       // the token's, relative to q_base; -1: dead token
   int part_row;    // the token's query * top_k + slot; -1: dead token
+};
+
+// The same for the compute side, relative to its warpgroup's 64-key half.
+struct RowMeta {
+  float lse_log2;
+  float ilse;
+  int p_visible;  // keys of the half the row's P covers
+  int visible;    // keys of the half the row's token sees
+  int query;
+  int part_row;
 };
 template <int kD_, int kDi_, class Element_, bool kGrad_>
 struct Config {
@@ -145,6 +156,7 @@ struct Config {
     array_aligned<Element, cosize_v<SmemLayoutK>, 1024> k;
     array_aligned<IndexElement, cosize_v<SmemLayoutIK>, 1024> ik;
     array_aligned<IndexElement, kGrad ? 2 * cosize_v<SmemLayoutDUt> : 8, 1024> du;  // one du per warpgroup
+    RowInfo info[kStages][kRows];  // the stage's rows (written by its gathering warp)
     uint64_t full[kStages];   // mbarrier: stage gathered (1 arrival: the warp's lane 0)
     uint64_t empty[kStages];  // mbarrier: stage read (256 arrivals: both computing warpgroups)
     uint64_t tile_full;       // mbarrier: K and index keys landed (TMA transaction bytes)
@@ -306,18 +318,32 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
         static_cast<const IndexElement*>(p.index_q) + int64_t(b) * p.q_len * p.num_kv_heads * kDi;
     // Step c (c % kStages == warp): lane l finds the source rows of matrix rows l and l + 32
     // (q, and index_q of the row's token); dead rows are zero-filled.
+    const int64_t batch_rows = int64_t(b) * p.q_len * p.num_q_heads;
     for (int c = warp; c < n_steps; c += kStages) {
       const int s = c % kStages;
       int src_q[2], src_iq[2];
+      RowInfo info[2];
       CUTE_UNROLL
       for (int h = 0; h < 2; ++h) {
         const int r = lane + 32 * h;
         const RowEntry e = kl_row_entry(p, b, g, start, count, group, slots, c, r);
+        const bool token_live = e.query >= 0;
+        const bool head_live = token_live && r % slots < group;
         // Padding rows and the index_q of rows other than a token's lead row stay zero.
         src_q[h] = r % slots >= group ? -2 : e.query < 0 ? -1 : row_src(p, e);
         src_iq[h] = r % slots != 0 ? -2 : e.query < 0 ? -1 : (p.q_base + e.query) * p.num_kv_heads + g;
+        info[h].last = row_last_visible(p, b, e);
+        info[h].last_p = head_live ? info[h].last : -1;
+        info[h].lse_log2 = head_live ? p.lse[batch_rows + row_src(p, e)] * float(M_LOG2E) : 0.0f;
+        info[h].query = e.query;
+        info[h].part_row = token_live ? e.query * p.top_k + e.slot : -1;
+        info[h].ilse = Cfg::kGrad && token_live
+                           ? p.ilse[(int64_t(b) * p.q_len + p.q_base + e.query) * p.num_kv_heads + g]
+                           : 0.0f;
       }
       cutlass::arch::ClusterBarrier::wait(&smem.empty[s], ((c / kStages) & 1) ^ 1);
+      smem.info[s][lane] = info[0];
+      smem.info[s][lane + 32] = info[1];
       gather_rows<Cfg::kChunks>(sQ(_, _, s), q, kD, src_q, lane);
       gather_rows<Cfg::kIChunks>(sIQ(_, _, s), iq, kDi, src_iq, lane);
       cute::cp_async_fence();
@@ -374,7 +400,6 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
   const float scale_log2 = p.softmax_scale * float(M_LOG2E);
   const float iscale = p.index_softmax_scale;
   const float inv_group = 1.0f / float(group);
-  const int64_t batch_rows = int64_t(b) * p.q_len * p.num_q_heads;
   const int my_row[2] = {get<0>(cs(0, 0)), get<0>(cs(1, 0))};  // of every step
   const cutlass::arch::NamedBarrier warpgroup_sync(128, half);  // this warpgroup only
 
@@ -403,29 +428,6 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
   auto partial_at = [&](int64_t part_row) {
     return reinterpret_cast<float4*>(p.partial) + ((int64_t(b) * p.num_entries + part_row) * p.num_kv_heads + g) * 2 + half;
   };
-  auto load_ilse = [&](int query) {
-    return p.ilse[(int64_t(b) * p.q_len + p.q_base + query) * p.num_kv_heads + g];
-  };
-
-  auto load_meta = [&](int c, RowMeta (&m)[2]) {
-    CUTE_UNROLL
-    for (int i = 0; i < 2; ++i) {
-      const RowEntry e = kl_row_entry(p, b, g, start, count, group, slots, c, my_row[i]);
-      const bool token_live = e.query >= 0;
-      const bool head_live = token_live && my_row[i] % slots < group;
-      const int visible = min(max(row_last_visible(p, b, e) - key0 + 1, 0), kHalf);  // 0 if dead
-      m[i].lse_log2 = head_live ? p.lse[batch_rows + row_src(p, e)] * float(M_LOG2E) : 0.0f;
-      m[i].p_visible = head_live ? visible : 0;
-      m[i].visible = visible;
-      m[i].query = e.query;
-      m[i].part_row = token_live ? e.query * p.top_k + e.slot : -1;
-      m[i].ilse = 0.0f;
-      if constexpr (Cfg::kGrad) {
-        if (token_live) m[i].ilse = load_ilse(e.query);
-      }
-    }
-  };
-
   // The token work of one step with `slots` = S rows per token (a compile-time power of two):
   // each token's P summed over its heads and its u, reduce-scattered over the token's lanes,
   // then the value partials or du for the keys each lane keeps.
@@ -472,14 +474,17 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
     }
   };
 
-  RowMeta meta[2];
-  load_meta(0, meta);
-
   cutlass::arch::ClusterTransactionBarrier::wait(&smem.tile_full, 0);
   for (int c = 0; c < n_steps; ++c) {
     const int s = c % kStages;
-    const RowMeta cur[2] = {meta[0], meta[1]};  // this thread's two rows, loaded during the previous step
     cutlass::arch::ClusterBarrier::wait(&smem.full[s], (c / kStages) & 1);
+    RowMeta cur[2];  // this thread's two rows
+    CUTE_UNROLL
+    for (int i = 0; i < 2; ++i) {
+      const RowInfo info = smem.info[s][my_row[i]];
+      cur[i] = RowMeta{info.lse_log2, info.ilse, min(max(info.last_p - key0 + 1, 0), kHalf),
+                       min(max(info.last - key0 + 1, 0), kHalf), info.query, info.part_row};
+    }
 
     Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kRows>, Int<kHalf>>{});
     Tensor acc_u = partition_fragment_C(mma_u, Shape<Int<kRows>, Int<kHalf>>{});
@@ -499,11 +504,11 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
       mma_u.accumulate_ = GMMA::ScaleOut::One;
     }
     warpgroup_commit_batch();
-    load_meta(c + 1, meta);  // while the products run (rows past the item are dead: no loads)
     warpgroup_wait<0>();
     warpgroup_fence_operand(acc_s);
     warpgroup_fence_operand(acc_u);
-    // The value pass is done with the stage; the gradient pass still reads index_q (d index_k).
+    // The value pass is done with the stage (its rows' info is in cur); the gradient pass still
+    // reads index_q (d index_k).
     if constexpr (!Cfg::kGrad) cutlass::arch::ClusterBarrier::arrive(&smem.empty[s]);
 
     // Each head's P over its visible keys (0 elsewhere, a select: masked S may be anything).
