@@ -11,11 +11,14 @@
 //   dQ(row) += s dS K (this tile's share of the row's gradient, added to the output row).
 //
 // Roles: warpgroup 0 gathers (warp w < kStages fills the steps w, w + kStages, ...; lane 0 of
-// warp 0 also issues the K/V TMA); warpgroups 1 and 2 each own one 64-key half of the tile and
-// both take every step: their S, dP, dK and dV cover their half, their dQ shares are added to
-// the same rows. P and dS go through shared memory (transposed) as the A operand of dV and dK;
-// dS also stays in registers as the A operand of dQ. dK and dV accumulate in registers over
-// the item (64 x D each per warpgroup) and are added to the outputs at its end.
+// warp 0 also issues the K/V TMA) and writes each row's lse, delta and last visible key beside
+// the stage; warpgroups 1 and 2 each own one 64-key half of the tile and both take every step:
+// their S, dP, dK and dV cover their half. P and dS go through shared memory (transposed) as
+// the A operand of dV and dK; warpgroup 1 then computes the row's dQ share over the whole
+// tile, reading both halves' dS there, and adds it to the row: one add per (row, tile) instead
+// of one per half halves the atomic traffic to dQ, which bounded this kernel (skipping the adds
+// took it from 98 to 70 ms at 128K). dK and dV accumulate in registers over the item (64 x D
+// each per warpgroup) and are added to the outputs at its end.
 //
 // Dead rows of a step (past the item's entries) are zero-filled by the gatherer, so they add
 // nothing to dK / dV (a garbage dout row times P = 0 could still be NaN).
@@ -85,14 +88,21 @@ struct Config {
   using MmaS = decltype(make_tiled_mma(
       GMMA::ss_op_selector<Element, Element, float, Shape<Int<kRows>, Int<kHalf>, Int<kD>>,
                            GMMA::Major::K, GMMA::Major::K>()));
-  // dQ share = dS K: dS from registers, K read MN-major.
+  // Both halves' dSᵀ (the ds buffer, half outermost) read as (M = rows, K = keys, half), keys
+  // contiguous: the A operand of dQ.
+  using SmemLayoutDS = decltype(composition(
+      tile_to_shape(GMMA::Layout_MN_SW128_Atom<Element>{}, Shape<Int<kHalf>, Int<kRows>, _2>{}),
+      make_ordered_layout(Shape<Int<kRows>, Int<kHalf>, _2>{}, Step<_2, _1, _3>{})));
+  // dQ share = dS K over one half's keys (called for both halves): dS and K (read MN-major)
+  // from shared memory.
   using MmaDQ = decltype(make_tiled_mma(
-      GMMA::rs_op_selector<Element, Element, float, Shape<Int<kRows>, Int<kD>, Int<kHalf>>,
+      GMMA::ss_op_selector<Element, Element, float, Shape<Int<kRows>, Int<kD>, Int<kHalf>>,
                            GMMA::Major::K, GMMA::Major::MN>()));
   // dV += Pᵀ dO and dK += dSᵀ Q: M = the half's keys, N = D, K = the step's rows.
   using MmaDKV = decltype(make_tiled_mma(
       GMMA::ss_op_selector<Element, Element, float, Shape<Int<kHalf>, Int<kD>, Int<kRows>>,
                            GMMA::Major::MN, GMMA::Major::MN>()));
+  static_assert(cosize_v<SmemLayoutDS> == 2 * cosize_v<SmemLayoutPt>, "the two halves' dSᵀ lie back to back");
   static constexpr uint32_t kKVBytes = 2 * kBlock * kD * sizeof(Element);
 
   struct SharedStorage {
@@ -122,8 +132,8 @@ struct KernelArgs {
 };
 
 // Gradient adds go through add_pair (attention_rows_sm90.cuh). In the deterministic mode an
-// output element receives at most two adds in a launch (a dq slot row: the two halves of one
-// tile; dk, dv: the one item of its tile), so repeated calls give identical bits.
+// output element receives at most one add in a launch (a dq slot row: its one tile; dk, dv:
+// the one item of its tile), so repeated calls give identical bits.
 
 template <class Cfg>
 __global__ void __launch_bounds__(kThreads, 1)
@@ -238,18 +248,21 @@ __global__ void __launch_bounds__(kThreads, 1)
     auto thr_kv = mma_kv.get_thread_slice(thread);
     Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Cfg::SmemLayoutKV{})(_, _, half);
     Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), typename Cfg::SmemLayoutKV{})(_, _, half);
-    Tensor sKt = make_tensor(make_smem_ptr(smem.k.data()), typename Cfg::SmemLayoutKt{})(_, _, half);
+    Tensor sKt = make_tensor(make_smem_ptr(smem.k.data()), typename Cfg::SmemLayoutKt{});  // both halves
     Tensor sQt = make_tensor(make_smem_ptr(smem.q.data()), typename Cfg::SmemLayoutQt{});
     Tensor sDOt = make_tensor(make_smem_ptr(smem.dout.data()), typename Cfg::SmemLayoutQt{});
     constexpr int kPtSize = cosize_v<typename Cfg::SmemLayoutPt>;
     Tensor sPt = make_tensor(make_smem_ptr(smem.p.data() + half * kPtSize), typename Cfg::SmemLayoutPt{});
     Tensor sDSt = make_tensor(make_smem_ptr(smem.ds.data() + half * kPtSize), typename Cfg::SmemLayoutPt{});
+    // Both halves' dS as (rows, keys, half): what warpgroup 1's dQ reads.
+    Tensor sDS = make_tensor(make_smem_ptr(smem.ds.data()), typename Cfg::SmemLayoutDS{});
 
     Tensor tSrQ = thr_s.make_fragment_A(thr_s.partition_A(sQ));     // (MMA, MMA_M, MMA_K, stages)
     Tensor tSrDO = thr_s.make_fragment_A(thr_s.partition_A(sDO));
     Tensor tSrK = thr_s.make_fragment_B(thr_s.partition_B(sK));     // (MMA, MMA_N, MMA_K)
     Tensor tSrV = thr_s.make_fragment_B(thr_s.partition_B(sV));
-    Tensor tQrKt = thr_dq.make_fragment_B(thr_dq.partition_B(sKt));  // (MMA, MMA_N, MMA_K)
+    Tensor tQrKt = thr_dq.make_fragment_B(thr_dq.partition_B(sKt));  // (MMA, MMA_N, MMA_K, half)
+    Tensor tQrDS = thr_dq.make_fragment_A(thr_dq.partition_A(sDS));  // (MMA, MMA_M, MMA_K, half)
     Tensor tKVrPt = thr_kv.make_fragment_A(thr_kv.partition_A(sPt));  // (MMA, MMA_M, MMA_K)
     Tensor tKVrDSt = thr_kv.make_fragment_A(thr_kv.partition_A(sDSt));
     Tensor tKVrDOt = thr_kv.make_fragment_B(thr_kv.partition_B(sDOt));  // (MMA, MMA_N, MMA_K, stages)
@@ -271,7 +284,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const float scale = p.softmax_scale;
     const float scale_log2 = scale * float(M_LOG2E);
     const int my_row[2] = {get<0>(cs(0, 0)), get<0>(cs(1, 0))};  // of every step
-    const cutlass::arch::NamedBarrier warpgroup_sync(128, half);  // this warpgroup only
+    const cutlass::arch::NamedBarrier compute_sync(256, 2);  // both computing warpgroups
 
     cutlass::arch::ClusterTransactionBarrier::wait(&smem.kv_full, 0);
     for (int c = 0; c < n_steps; ++c) {
@@ -327,9 +340,9 @@ __global__ void __launch_bounds__(kThreads, 1)
           ps(i, j) = pv;
         }
       }
-      // Pᵀ and dSᵀ into this warpgroup's buffers, once every warp is past the previous
-      // step's products that read them.
-      warpgroup_sync.arrive_and_wait();
+      // Pᵀ and dSᵀ into this warpgroup's buffers, once every warp of both warpgroups is past
+      // the previous step's products that read them (warpgroup 1's dQ reads both dS).
+      compute_sync.arrive_and_wait();
       CUTE_UNROLL
       for (int i = 0; i < 2; ++i) {
         CUTE_UNROLL
@@ -340,18 +353,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
       cutlass::arch::fence_view_async_shared();
-      warpgroup_sync.arrive_and_wait();
-
-      // dS in q's dtype, in registers, as the A operand of dQ = dS K.
-      Tensor ds_reg = make_tensor<Element>(acc_dp.layout());
-      constexpr int kAcc = decltype(size(acc_dp))::value;
-      cutlass::NumericArrayConverter<Element, float, kAcc> convert;
-      *reinterpret_cast<cutlass::Array<Element, kAcc>*>(ds_reg.data()) =
-          convert(*reinterpret_cast<const cutlass::Array<float, kAcc>*>(acc_dp.data()));
-      Tensor tQrDS = make_tensor(ds_reg.data(), sm90::AccAsAOperand<kHalf>{});
+      compute_sync.arrive_and_wait();
 
       Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kRows>, Int<kD>>{});
-      warpgroup_fence_operand(tQrDS);
       warpgroup_fence_operand(acc_dq);
       warpgroup_fence_operand(acc_dk);
       warpgroup_fence_operand(acc_dv);
@@ -364,11 +368,16 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int kb = 0; kb < size<2>(tKVrDSt); ++kb) {
         cute::gemm(mma_kv, tKVrDSt(_, _, kb), tKVrQt(_, _, kb, s), acc_dk);
       }
-      mma_dq.accumulate_ = GMMA::ScaleOut::Zero;
-      CUTE_UNROLL
-      for (int kb = 0; kb < size<2>(tQrDS); ++kb) {
-        cute::gemm(mma_dq, tQrDS(_, _, kb), tQrKt(_, _, kb), acc_dq);
-        mma_dq.accumulate_ = GMMA::ScaleOut::One;
+      if (half == 0) {  // the rows' dQ share over the whole tile
+        mma_dq.accumulate_ = GMMA::ScaleOut::Zero;
+        CUTE_UNROLL
+        for (int h = 0; h < 2; ++h) {
+          CUTE_UNROLL
+          for (int kb = 0; kb < size<2>(tQrDS); ++kb) {
+            cute::gemm(mma_dq, tQrDS(_, _, kb, h), tQrKt(_, _, kb, h), acc_dq);
+            mma_dq.accumulate_ = GMMA::ScaleOut::One;
+          }
+        }
       }
       warpgroup_commit_batch();
       warpgroup_wait<0>();
@@ -377,11 +386,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       warpgroup_fence_operand(acc_dv);
       cutlass::arch::ClusterBarrier::arrive(&smem.empty[s]);  // q and dout of the stage are read
 
-      // This half's share of each live row's dQ, scaled, added to the row.
+      // The tile's share of each live row's dQ, scaled, added to the row (warpgroup 1).
       Tensor dq = make_tensor(acc_dq.data(), sm90::acc_rows_by_cols(acc_dq.layout()));  // (2, D/4)
       CUTE_UNROLL
       for (int i = 0; i < 2; ++i) {
-        if (dq_row[i] < 0) continue;
+        if (half != 0 || dq_row[i] < 0) continue;
         float* out = p.dq + dq_row[i] * kD;
         CUTE_UNROLL
         for (int j = 0; j < size<1>(dq); j += 2) {
