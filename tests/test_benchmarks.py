@@ -199,3 +199,30 @@ def test_plot_writes_png(bench_run, tmp_path):
     png = tmp_path / "speedup.png"
     assert plot.main([str(out), "-o", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_context_parallel_bench(tmp_path):
+    """bench_cp.py (issue #16's measurement): each op split over 4 host devices and on one,
+    per-device memory from XLA's plan (a quarter of the inputs per device), failures recorded."""
+    import jax
+
+    if jax.device_count() < 4:
+        pytest.skip(f"needs 4 devices, found {jax.device_count()} (conftest sets 4 host devices)")
+    bench_cp = _load("bench_cp")
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), (bench_cp.AXIS,))
+    for x in bench_cp.make_inputs(bench.CONFIGS["tiny"], 256, jnp.float32, mesh):  # created split
+        assert x.sharding.spec[1] == bench_cp.AXIS and len(x.sharding.device_set) == 4, x.sharding
+    out = tmp_path / "cp.json"
+    run = bench_cp.main(["--config", "tiny", "--n", "256", "--devices", "4", "--impl", "xla", "cuda", "--single",
+                         "--repeats", "1", "--warmup", "0", "--out", str(out)])
+    assert json.loads(out.read_text()) == run and run["finished"] and run["device_count"] == 4
+    cases = {(c["devices"], c["impl"], c["op"]): c for c in run["cases"]}
+    assert set(cases) == {(d, i, op) for d in (4, 1) for i in ("xla", "cuda") for op in bench_cp.OPS}
+    for op in bench_cp.OPS:
+        split, whole = cases[(4, "xla", op)], cases[(1, "xla", op)]
+        assert split["status"] == whole["status"] == "ok", (split, whole)
+        assert split["median_s"] > 0 and split["n"] == 256
+        assert 4 * split["memory"]["argument_bytes"] == whole["memory"]["argument_bytes"]
+        for d in (4, 1):  # no CUDA kernels on CPU: recorded, not raised
+            cuda = cases[(d, "cuda", op)]
+            assert cuda["status"] == "error" and "NotImplementedError" in cuda["error"]
