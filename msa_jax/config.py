@@ -109,7 +109,9 @@ class Positions(NamedTuple):
 
     q_offset: int32 [B]; query i of row b sits at key coordinate q_offset[b] + i.
     kv_length: int32 [B]; keys t >= kv_length[b] do not exist.
-    segment_ids: int32 [B, T] (T == S) for packed documents, or None.
+    segment_ids: int32 [B, S] for packed documents, indexed by key coordinate, or None. The
+      public ops take it only for T == S (q_offset 0); context parallelism passes a chunk
+      of the queries with the whole sequence's segment_ids.
     """
 
     q_offset: jax.Array

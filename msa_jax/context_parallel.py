@@ -75,6 +75,7 @@ def context_parallel_sparse_attention(
     batch_axis: str | None = None,
     head_axis: str | None = None,
     kv_length=None,
+    segment_ids=None,
     top_k: int = 16,
     block_size: int = 128,
     mode: str = "sparse",
@@ -102,6 +103,10 @@ def context_parallel_sparse_attention(
         row, counted in natural order; tokens at natural positions >= kv_length[b] are right
         padding. The same as `sparse_attention(..., q_offset=0, kv_length=kv_length)`:
         padding queries give out 0, lse -inf, block ids -1 and nothing to the KL loss.
+      segment_ids: None, or int [B, S] in zig-zag order like the other inputs: packed
+        documents, as `sparse_attention(..., segment_ids=...)` on the natural order (a query
+        sees only its own document; block ids are document-relative). Each device gathers
+        the whole row's ids (one int per token) to find where its queries' documents start.
       top_k, block_size, mode, softmax_scale, index_softmax_scale, kl_coeff,
         implementation: as in `sparse_attention`.
 
@@ -116,9 +121,9 @@ def context_parallel_sparse_attention(
     """
     v, index_q = validation.as_array(v, "v"), validation.as_array(index_q, "index_q")
     # Self-attention over each row's first kv_length tokens: queries start at key 0.
-    q_offset = None if kv_length is None else 0
+    q_offset = None if kv_length is None or segment_ids is not None else 0
     q, k, v, index_q, index_k, cfg, pos, call, names = _prepare(
-        "sparse_attention", q, k, v, index_q, index_k, q_offset, kv_length, None, implementation,
+        "sparse_attention", q, k, v, index_q, index_k, q_offset, kv_length, segment_ids, implementation,
         top_k=top_k, block_size=block_size, mode=mode, softmax_scale=softmax_scale,
         index_softmax_scale=index_softmax_scale, kl_coeff=kl_coeff,
     )
@@ -143,18 +148,21 @@ def context_parallel_sparse_attention(
     n = _check_shards(mesh.shape[axis], S, "q")
     c = S // (2 * n)  # tokens per chunk; each device holds two
 
+    packed = pos.segment_ids is not None
+
     def serve(impl):
-        def local(q, k, v, index_q, index_k, kv_length):
+        def local(q, k, v, index_q, index_k, kv_length, *segments):
             def gather(x):  # the whole sequence in natural order, on every device
                 return unzigzag(jax.lax.all_gather(x, axis, axis=1, tiled=True), n)
 
             k_all, v_all, ik_all = gather(k), gather(v), gather(index_k)
+            seg_all = gather(segments[0]) if packed else None
             d = jax.lax.axis_index(axis)
             b = q.shape[0]  # this device's rows
             outs = []
             for j, chunk in enumerate((d, 2 * n - 1 - d)):
                 sl = slice(j * c, (j + 1) * c)
-                p = Positions(jnp.full((b,), chunk * c, jnp.int32), kv_length, None)
+                p = Positions(jnp.full((b,), chunk * c, jnp.int32), kv_length, seg_all)
                 iq = index_q[:, sl]
                 bi = impl.select_blocks(_sg(iq), _sg(ik_all), p, cfg)
                 out, lse = autodiff.attention(impl, cfg, q[:, sl], k_all, v_all, bi, *p)
@@ -165,13 +173,13 @@ def context_parallel_sparse_attention(
             return cat(o0, o1), cat(l0, l1), cat(b0, b1), (k0 + k1)[None]
 
         seq4, seq3 = P(batch_axis, axis, head_axis, None), P(batch_axis, axis, None)
-        in_specs = (seq4, seq4, seq4, seq4, seq3, P(batch_axis))
+        in_specs = (seq4, seq4, seq4, seq4, seq3, P(batch_axis)) + ((P(batch_axis, axis),) if packed else ())
         # shard_map wants its inputs laid out as in_specs say; inputs already split over
         # the sequence along `axis` (and the batch along `batch_axis`) do not move.
         explicit = dict(zip(mesh.axis_names, mesh.axis_types))[axis] == AxisType.Explicit
         move = jax.sharding.reshard if explicit else jax.lax.with_sharding_constraint
-        args = [move(x, NamedSharding(mesh, spec))
-                for x, spec in zip((q, k, v, index_q, index_k, pos.kv_length), in_specs)]
+        inputs = (q, k, v, index_q, index_k, pos.kv_length) + ((pos.segment_ids,) if packed else ())
+        args = [move(x, NamedSharding(mesh, spec)) for x, spec in zip(inputs, in_specs)]
         # check_vma=False: the Pallas kernels' out_shape carries no varying-axes type, which
         # shard_map's check demands. Nothing here needs that check: the all-gathers transpose
         # to reduce-scatters either way, and the KL partial sums leave as one value per

@@ -5,7 +5,8 @@ The validator turns the user's `q_offset`, `kv_length` and `segment_ids` into a
 formulation covers plain causal attention, chunked prefill and packed documents:
 
   query (b, i) sits at key coordinate  qpos = q_offset[b] + i  (i itself with segments);
-  its document starts at key coordinate doc = 0 (or its segment run's first token);
+  its document starts at key coordinate doc = 0 (or the first token of the segment run
+  holding key qpos: segment_ids are indexed by key coordinate);
   key t is visible iff  doc <= t <= qpos  and  t < kv_length[b]  and the query is valid;
   block ids are document-relative: key t lies in block (t - doc) // block_size.
 """
@@ -48,7 +49,11 @@ def query_coords(positions: Positions, q_len: int):
     if positions.segment_ids is None:
         doc = jnp.zeros_like(qpos)
     else:
-        doc = doc_starts(positions.segment_ids)
+        # segment_ids run over the keys; the public ops take T == S with q_offset 0, where
+        # this is doc_starts itself; context parallelism asks for a slice of the queries.
+        starts = doc_starts(positions.segment_ids)
+        at = jnp.clip(qpos, 0, starts.shape[1] - 1)
+        doc = jnp.take_along_axis(starts, at, axis=1)
     valid = (qpos >= 0) & (qpos < positions.kv_length[:, None])
     return qpos, doc, valid
 

@@ -5,7 +5,8 @@ block_indices, kl_loss and gradients (q, k, v, index_q, index_k) as the unsharde
 `sparse_attention` on the natural-order inputs, in both modes; what crosses devices is
 exactly what the README says (all-gathers of K, V and index_k forward, reduce-scatters of
 their gradients backward, scalar all-reduces) and never q or index_q; right-padded rows
-(kv_length) and the batch split over a second mesh axis (batch_axis) agree too.
+(kv_length), packed documents (segment_ids) and the batch or the heads split over a second
+mesh axis (batch_axis, head_axis) agree too.
 """
 
 from __future__ import annotations
@@ -112,25 +113,33 @@ def test_matches_one_device(implementation, mode, B, DI, BLOCK):
     assert set(_collectives(hlo, "all-reduce")) <= {"f32[]", "(f32[],f32[])"}
 
 
-# (implementation, mode, data shards, head shards, kv_length): right-padded rows, and the
-# batch or the heads split over a second mesh axis beside the sequence.
+# Packed documents of each row (natural order): their first tokens, the rest of the row the
+# last document. Row 0's documents start mid-chunk and mid-block; row 1's span chunks.
+DOC_STARTS = ((0, 5, 21, 40, 41), (0, 30))
+
+# (implementation, mode, data shards, head shards, kv_length, packed): right-padded rows, packed
+# documents, and the batch or the heads split over a second mesh axis beside the sequence.
 RAGGED_CASES = [
-    ("xla", "sparse", 1, 1, (64, 37)),
-    ("xla", "dense", 2, 1, (50, 64)),
-    ("xla", "sparse", 2, 1, None),
-    ("xla", "sparse", 1, 2, (64, 45)),
-    ("xla", "dense", 1, 2, None),
-    ("pallas", "sparse", 2, 1, (64, 29)),
-    ("pallas", "sparse", 1, 2, None),
+    ("xla", "sparse", 1, 1, (64, 37), False),
+    ("xla", "dense", 2, 1, (50, 64), False),
+    ("xla", "sparse", 2, 1, None, False),
+    ("xla", "sparse", 1, 2, (64, 45), False),
+    ("xla", "dense", 1, 2, None, False),
+    ("pallas", "sparse", 2, 1, (64, 29), False),
+    ("pallas", "sparse", 1, 2, None, False),
+    ("xla", "sparse", 1, 1, None, True),
+    ("xla", "dense", 2, 1, (64, 50), True),
+    ("pallas", "sparse", 1, 1, (58, 64), True),
 ]
 
 
-@pytest.mark.parametrize("implementation, mode, n_data, n_heads, kv_length", RAGGED_CASES)
-def test_ragged_rows_batch_and_head_axes(implementation, mode, n_data, n_heads, kv_length):
-    """kv_length (right padding), batch_axis and head_axis (the batch or the heads over a
-    second mesh axis) give what sparse_attention(q_offset=0, kv_length=...) gives on one
-    device, d index_k included (summed over the head shards); the all-gathers hold only the
-    device's rows and kv heads, plus the whole one-headed index_k."""
+@pytest.mark.parametrize("implementation, mode, n_data, n_heads, kv_length, packed", RAGGED_CASES)
+def test_ragged_rows_batch_and_head_axes(implementation, mode, n_data, n_heads, kv_length, packed):
+    """kv_length (right padding), segment_ids (packed documents), batch_axis and head_axis
+    (the batch or the heads over a second mesh axis) give what sparse_attention(q_offset=0,
+    kv_length=..., segment_ids=...) gives on one device, d index_k included (summed over the
+    head shards); the all-gathers hold only the device's rows and kv heads, plus the whole
+    one-headed index_k (and, packed, the rows' segment ids)."""
     n = N // (n_data * n_heads)  # devices on the sequence axis
     Di, block = (16, 16) if implementation == "pallas" else (DI, BLOCK)
     rng = np.random.default_rng(5)
@@ -139,7 +148,14 @@ def test_ragged_rows_batch_and_head_axes(implementation, mode, n_data, n_heads, 
     index_q, index_k, w = normal(2, S, HKV, Di), normal(2, S, Di), normal(2, S, HQ, D)
     opts = dict(top_k=TOP_K, block_size=block, mode=mode, kl_coeff=0.5)
     kvl = None if kv_length is None else np.asarray(kv_length, np.int32)
-    one_kw = {} if kvl is None else dict(q_offset=0, kv_length=kvl)
+    one_kw = {} if kvl is None else dict(kv_length=kvl) if packed else dict(q_offset=0, kv_length=kvl)
+    seg = None
+    if packed:
+        seg = np.zeros((2, S), np.int32)
+        for row, starts in enumerate(DOC_STARTS):
+            for start in starts:
+                seg[row, start:] += 1
+        one_kw["segment_ids"] = seg
 
     def loss_one(q, k, v, index_q, index_k):
         r = msa_jax.sparse_attention(q, k, v, index_q, index_k, implementation="xla", **opts, **one_kw)
@@ -153,7 +169,7 @@ def test_ragged_rows_batch_and_head_axes(implementation, mode, n_data, n_heads, 
     def loss_cp(q, k, v, index_q, index_k):
         r = msa_jax.context_parallel_sparse_attention(
             q, k, v, index_q, index_k, mesh=mesh, axis="seq", batch_axis=batch_axis, head_axis=head_axis, kv_length=kvl,
-            implementation=implementation, **opts)
+            segment_ids=None if seg is None else msa_jax.zigzag(seg, n), implementation=implementation, **opts)
         return jnp.sum(jnp.where(jnp.isfinite(r.lse), r.lse, 0.0)) + jnp.sum(r.out * w_zz) + r.kl_loss, r
 
     (want_value, want), want_grads = jax.jit(jax.value_and_grad(loss_one, argnums=range(5), has_aux=True))(
@@ -181,7 +197,8 @@ def test_ragged_rows_batch_and_head_axes(implementation, mode, n_data, n_heads, 
     hlo = compiled.as_text()
     b, h = 2 // n_data, HKV // n_heads
     kv_full, ik_full = f"f32[{b},{S},{h},{D}]", f"f32[{b},{S},{Di}]"
-    assert sorted(_collectives(hlo, "all-gather")) == sorted([kv_full, kv_full, ik_full])
+    seg_full = [f"s32[{b},{S}]"] if packed else []
+    assert sorted(_collectives(hlo, "all-gather")) == sorted([kv_full, kv_full, ik_full, *seg_full])
 
 
 def test_rejects_bad_layouts():
