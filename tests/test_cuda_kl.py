@@ -4,9 +4,9 @@
 gradient from cuda/kernels/kl_sm90.cuh) against the `xla` reference on the same inputs
 upcast to float32, for the same block_indices: the value within 2e-3 relative, and
 d index_q, d index_k with cosine >= 0.999 and relative norm error <= 2e-2, at D 64 and 128,
-Di 64 and 128, G 1, 2, 3, 4, 5, 7, 8, 16 and 32 (the
-last through Pallas's KL), bf16 and fp16, ragged rows with padding and multi-token
-decode, in both the atomic and the deterministic mode. Also: dense mode, bitwise repeatable
+Di 64 and 128, G 1, 2, 3, 4, 5, 7, 8, 16 and 32 (the last through Pallas's KL), bf16 and
+fp16, ragged rows with padding and multi-token decode, in both the atomic and the
+deterministic mode. Also: dense mode, bitwise repeatable
 deterministic gradients, sparse_attention's training step runs the CUDA KL kernels (and
 none of Pallas), and no KL kernel runs when nothing asks for the loss.
 """
