@@ -9,15 +9,15 @@
 //
 // One CTA per work item: one 128-key tile of kv head g and up to `count` (query, slot)
 // entries that selected it. K and the tile's index keys are loaded once (TMA). A step covers
-// 64 matrix rows: 64 / S query tokens x S row slots, S = G rounded up to a power of two (slots
+// 64 matrix rows: 64 / G' query tokens x G' row slots, G' = G rounded up to a power of two (slots
 // past G are padding rows that hold no head). The student's rows are laid out the same way
 // (a token's index_q is gathered into its first, "lead", row only; the other rows stay zero),
 // so one MMA shape serves both:
 //   S = Q Kᵀ, P(row) = exp(s S - lse) (exact: lse is the row's over its whole support),
 //   U = IQ Kiᵀ (only lead rows are non-zero).
 // Then everything per token happens once per token, not once per head row, and in registers:
-// with S a power of two a token's rows are a fixed set of accumulator lanes (S <= 8: S
-// consecutive lane quads of one register row; S = 16: both register rows of a whole warp), so
+// with G' a power of two a token's rows are a fixed set of accumulator lanes (G' <= 8: G'
+// consecutive lane quads of one register row; G' = 16: both register rows of a whole warp), so
 // a reduce-scatter over those lanes (`reduce_scatter`) sums the token's P over its heads and
 // its u (the lead row's, the others are zero) and leaves each lane a few of the token's keys.
 // There P̄ = sum / G, and the value partials (reduced over the token's lanes) or du = R - P̄
@@ -428,23 +428,23 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
   auto partial_at = [&](int64_t part_row) {
     return reinterpret_cast<float4*>(p.partial) + ((int64_t(b) * p.num_entries + part_row) * p.num_kv_heads + g) * 2 + half;
   };
-  // The token work of one step with `slots` = S rows per token (a compile-time power of two):
+  // The token work of one step with `slots` = kSlots rows per token (a compile-time power of two):
   // each token's P summed over its heads and its u, reduce-scattered over the token's lanes,
   // then the value partials or du for the keys each lane keeps.
   auto token_step = [&](auto slots_c, auto& ps, auto& us, const RowMeta (&cur)[2]) {
-    constexpr int S = decltype(slots_c)::value;
+    constexpr int kSlots = decltype(slots_c)::value;
     constexpr int kCols = decltype(size<1>(ps))::value;   // a row's keys in this thread: 16
-    constexpr int kLevels = S >= 8 ? 3 : S == 4 ? 2 : S == 2 ? 1 : 0;
+    constexpr int kLevels = kSlots >= 8 ? 3 : kSlots == 4 ? 2 : kSlots == 2 ? 1 : 0;
     constexpr int kOwn = kCols >> kLevels;                // keys per lane per token afterwards
-    [[maybe_unused]] constexpr int kSpan = S >= 8 ? 32 : 4 * S;  // lanes sharing a token
-    constexpr int kTokens = S == 16 ? 1 : 2;              // tokens among this thread's two rows
+    [[maybe_unused]] constexpr int kSpan = kSlots >= 8 ? 32 : 4 * kSlots;  // lanes sharing a token
+    constexpr int kTokens = kSlots == 16 ? 1 : 2;              // tokens among this thread's two rows
     CUTE_UNROLL
     for (int t = 0; t < kTokens; ++t) {
       float pv[kCols], uv[kCols];
       CUTE_UNROLL
       for (int j = 0; j < kCols; ++j) {
-        pv[j] = S == 16 ? ps(0, j) + ps(1, j) : ps(t, j);
-        uv[j] = S == 16 ? us(0, j) + us(1, j) : us(t, j);
+        pv[j] = kSlots == 16 ? ps(0, j) + ps(1, j) : ps(t, j);
+        uv[j] = kSlots == 16 ? us(0, j) + us(1, j) : us(t, j);
       }
       const int base = reduce_scatter<kLevels>(pv, uv, lane);
       const RowMeta& tm = cur[t];  // any row of the token: they share its entry
@@ -464,7 +464,7 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
             [](float x) { return span_sum<kSpan>(x); });
         if (tm.part_row >= 0 && lane % kSpan == 0) *partial_at(tm.part_row) = part;
       } else {
-        const int lead_row = my_row[t] / S * S;
+        const int lead_row = my_row[t] / kSlots * kSlots;
         CUTE_UNROLL
         for (int k = 0; k < kOwn; ++k) {
           const float du = ok[k] ? exp2f((u[k] - tm.ilse) * float(M_LOG2E)) - pm[k] : 0.0f;
