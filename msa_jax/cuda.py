@@ -16,8 +16,8 @@ import jax.numpy as jnp
 
 from . import ffi
 from . import positions as pos_lib
-from .config import CallInfo
 from . import dispatch
+from .config import CallInfo
 from .dispatch import Implementation
 from .ffi import ops
 from .kv_outer import partials as kv_partials, worklist
@@ -107,7 +107,7 @@ class CudaImplementation(Implementation):
                          block_size=cfg.block_size, deterministic=cfg.deterministic)
 
     def kl_fwd(self, q, k, index_q, index_k, block_indices, lse, positions, cfg):
-        if q.shape[2] // k.shape[2] > _KL_MAX_GROUP:
+        if _kl_needs_pallas(q, k):
             return dispatch.implementation("pallas").kl_fwd(q, k, index_q, index_k, block_indices, lse, positions, cfg)
         ffi.register_targets()
         if cfg.dense:
@@ -116,7 +116,7 @@ class CudaImplementation(Implementation):
         return value, ilse  # the student's lse: the gradient pass needs it
 
     def kl_bwd(self, q, k, index_q, index_k, block_indices, lse, positions, cfg, dkl, saved):
-        if q.shape[2] // k.shape[2] > _KL_MAX_GROUP:
+        if _kl_needs_pallas(q, k):
             return dispatch.implementation("pallas").kl_bwd(q, k, index_q, index_k, block_indices, lse, positions, cfg,
                                                             dkl, saved)
         ffi.register_targets()
@@ -124,6 +124,11 @@ class CudaImplementation(Implementation):
             block_indices = dense_indices(block_indices, k.shape[1], cfg.block_size)
         d_iq, d_ik = _kl_grad(q, k, index_q, index_k, block_indices, lse, saved, positions, cfg)
         return (d_iq * dkl).astype(index_q.dtype), (d_ik * dkl).astype(index_k.dtype)
+
+
+def _kl_needs_pallas(q, k) -> bool:
+    """Whether G = Hq / Hkv is past what the KL kernel serves (the other kernels serve it)."""
+    return q.shape[2] // k.shape[2] > _KL_MAX_GROUP
 
 
 def item_rows(group: int, item_steps: int = _ITEM_STEPS) -> int:
