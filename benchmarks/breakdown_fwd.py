@@ -64,7 +64,7 @@ def main(argv=None):
                 rows = cuda_impl.item_rows(c.group_size, steps)
                 kp, vp = x["k"], x["v"]
                 partials = functools.partial(cuda_impl._partials, scale=cfg.scale(c.head_dim), block_size=c.block_size,
-                                             item_steps=steps)
+                                             packed=False, item_steps=steps)
 
                 def kernel(q, k, v, hi, wl):
                     return ops.sparse_attention_partials(q, k, v, hi, wl, q_base=0, top_k=c.top_k,

@@ -7,7 +7,7 @@
 # Steps, in the order given; each writes its log under $OUT and a failing step does not stop
 # the later ones (the exit status is the number of failed steps):
 #   build          the CUDA extension for sm_90a into the device's Python (editable install)
-#   test-cuda      pytest -m gpu of the cuda implementation (forward, backward, KL) and the extension loader
+#   test-cuda      pytest -m gpu of the cuda implementation (forward, backward, KL, packed documents) and the extension loader
 #   test-wheel     the same tests (every test of both files, TEST_K to narrow them) against an
 #                  installed wheel instead of the build step's editable install: dist/msa_jax-*.whl,
 #                  built elsewhere in isolation (KEEP=dist .ci/wheel_check.sh, for the device's
@@ -82,7 +82,18 @@ for det in (False, True):
         q_offset=np.array([400, -50], np.int32), kv_length=np.array([700, 200], np.int32), deterministic=det,
         implementation="cuda")
     value, (diq, dik) = jax.value_and_grad(kl, argnums=(0, 1))(iq, ik)
-    print("kl", det, float(value), float(jnp.abs(diq.astype(jnp.float32)).sum()), float(jnp.abs(dik.astype(jnp.float32)).sum()))'
+    print("kl", det, float(value), float(jnp.abs(diq.astype(jnp.float32)).sum()), float(jnp.abs(dik.astype(jnp.float32)).sum()))
+# Packed documents starting inside blocks: every kernel reads tiles from any key.
+seg = jnp.asarray(np.repeat(np.arange(3), (300, 77, 323))[None], jnp.int32)
+xs = [jnp.asarray(r.standard_normal(s), jnp.bfloat16) for s in ((1, 700, 8, 128), (1, 700, 2, 128), (1, 700, 2, 128),
+                                                                 (1, 700, 2, 128), (1, 700, 128))]
+for det in (False, True):
+    def packed(*xs):
+        res = msa_jax.sparse_attention(*xs, top_k=4, block_size=128, segment_ids=seg, deterministic=det,
+                                       implementation="cuda")
+        return jnp.sum(res.out.astype(jnp.float32)) + res.kl_loss
+    grads = jax.grad(packed, argnums=(0, 1, 2, 3, 4))(*xs)
+    print("packed", det, [float(jnp.abs(g.astype(jnp.float32)).sum()) for g in grads])'
 
 # pytest of the installed wheel, from outside the checkout (a subshell: the cd stays inside).
 repo=$PWD
@@ -98,7 +109,8 @@ for step in "$@"; do
         python3 -m pip install --no-build-isolation --no-deps -e . ;;
     test-cuda)
       # TEST_K: a pytest -k expression to run fewer (e.g. "attention" after a forward-kernel change).
-      run test-cuda python3 -m pytest tests/test_cuda.py tests/test_cuda_bwd.py tests/test_cuda_kl.py tests/test_ffi_loader.py -m gpu -v \
+      run test-cuda python3 -m pytest tests/test_cuda.py tests/test_cuda_bwd.py tests/test_cuda_kl.py tests/test_cuda_packed.py \
+        tests/test_ffi_loader.py -m gpu -v \
         --durations=10 --maxfail=${MAXFAIL:-1000} \
         ${TEST_K:+-k "$TEST_K"} ;;
     test-wheel)

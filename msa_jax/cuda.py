@@ -62,8 +62,6 @@ class CudaImplementation(Implementation):
             return reason
         if call.config.block_size != _BLOCK_SIZE:
             return f"block_size={call.config.block_size} (the kernels are built for {_BLOCK_SIZE})"
-        if call.has_segments:
-            return "packed documents (segment_ids) are not supported by the CUDA kernels"
         if call.op != "block_sparse_attention":
             if call.index_dtype != "bfloat16":
                 return f"index dtype {call.index_dtype} (bfloat16 only)"
@@ -82,8 +80,9 @@ class CudaImplementation(Implementation):
 
     def select_blocks(self, index_q, index_k, positions, cfg):
         ffi.register_targets()
+        _, doc, _ = pos_lib.query_coords(positions, index_q.shape[1])
         return ops.select_blocks(
-            index_q, index_k, positions.q_offset, positions.kv_length, top_k=cfg.top_k,
+            index_q, index_k, positions.q_offset, positions.kv_length, doc, top_k=cfg.top_k,
             block_size=cfg.block_size, index_softmax_scale=cfg.index_scale(index_q.shape[-1]),
         )
 
@@ -91,7 +90,8 @@ class CudaImplementation(Implementation):
         ffi.register_targets()
         if cfg.dense:
             block_indices = dense_indices(block_indices, k.shape[1], cfg.block_size)
-        partials = functools.partial(_partials, scale=cfg.scale(q.shape[-1]), block_size=cfg.block_size)
+        partials = functools.partial(_partials, scale=cfg.scale(q.shape[-1]), block_size=cfg.block_size,
+                                     packed=positions.segment_ids is not None)
         return kv_partials.chunked(q, k, v, block_indices, positions, partials)
 
     def attention_lse(self, q, k, block_indices, positions, cfg):
@@ -137,14 +137,15 @@ def item_rows(group: int, item_steps: int = _ITEM_STEPS) -> int:
 
 
 def _partials(q, k, v, hi, c0: int, block_indices, qpos, doc, valid, *, scale: float, block_size: int,
-              item_steps: int = _ITEM_STEPS):
+              packed: bool, item_steps: int = _ITEM_STEPS):
     """One query chunk's slot partials from the CUDA kernel, shaped as kv_partials.combine takes
     them: o [B, Tc, K, Hq, D], lse [B, Tc, K, Hq], ok [B, Tc, Hkv, K]. item_steps: the most
-    64-row steps one CTA walks over its key tile (benchmarks/breakdown_fwd.py sweeps it)."""
+    64-row steps one CTA walks over its key tile (benchmarks/breakdown_fwd.py sweeps it);
+    packed: whether documents lay their own block grids (tiles then start at any key)."""
     B, Tc, Hkv, K = block_indices.shape
     Hq, D = q.shape[2], q.shape[3]
     work = worklist.build(block_indices, qpos, doc, valid, kv_len=k.shape[1], block_size=block_size,
-                          rows=item_rows(Hq // Hkv, item_steps), packed=False)
+                          rows=item_rows(Hq // Hkv, item_steps), packed=packed)
     o, lse = ops.sparse_attention_partials(q, k, v, hi, work, q_base=c0, top_k=K, block_size=block_size,
                                            softmax_scale=scale)
     return o.reshape(B, Tc, K, Hq, D), lse.reshape(B, Tc, K, Hq), work.entry_ok
@@ -165,6 +166,7 @@ def _backward(q, k, v, block_indices, positions, out, lse, dout, dlse, *, scale:
     G, K = Hq // Hkv, block_indices.shape[3]
     qpos, doc, valid = pos_lib.query_coords(positions, T)
     hi = pos_lib.last_visible_key(positions, qpos, valid)
+    packed = positions.segment_ids is not None
     # d lse(row) = sum_t ds_t with ds = p * (dp - delta): dlse enters as -dlse in delta.
     delta = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1) - dlse
     lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
@@ -172,7 +174,7 @@ def _backward(q, k, v, block_indices, positions, out, lse, dout, dlse, *, scale:
                              block_size=block_size, softmax_scale=scale, deterministic=deterministic)
     if not deterministic:
         work = worklist.build(block_indices, qpos, doc, valid, kv_len=S, block_size=block_size,
-                              rows=item_rows(G), packed=False)
+                              rows=item_rows(G), packed=packed)
         dq, dk, dv = call(work, q_base=0)
         return dq.reshape(B, T, Hq, D).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
     chunk = kv_partials.query_chunk(T, K * Hq * D * 4)
@@ -181,7 +183,7 @@ def _backward(q, k, v, block_indices, positions, out, lse, dout, dlse, *, scale:
         sl = slice(c0, min(T, c0 + chunk))
         Tc = sl.stop - sl.start
         work = worklist.build(block_indices[:, sl], qpos[:, sl], doc[:, sl], valid[:, sl], kv_len=S,
-                              block_size=block_size, rows=Tc * K, packed=False)
+                              block_size=block_size, rows=Tc * K, packed=packed)
         dq_part, dk_c, dv_c = call(work, q_base=c0)
         # Rows of entries that took no part were zeroed by the handler: a plain sum over slots.
         dqs.append(jnp.sum(dq_part.reshape(B, Tc, K, Hq, D), axis=2))
@@ -203,6 +205,7 @@ def _kl_value(q, k, index_q, index_k, block_indices, lse, positions, cfg):
     G, K = Hq // Hkv, block_indices.shape[3]
     qpos, doc, valid = pos_lib.query_coords(positions, T)
     hi = pos_lib.last_visible_key(positions, qpos, valid)
+    packed = positions.segment_ids is not None
     lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
     chunk = kv_partials.query_chunk(T, K * Hkv * 2 * 4 * 4)
     total, ilses = jnp.zeros((), jnp.float32), []
@@ -210,7 +213,7 @@ def _kl_value(q, k, index_q, index_k, block_indices, lse, positions, cfg):
         sl = slice(c0, min(T, c0 + chunk))
         Tc = sl.stop - sl.start
         work = worklist.build(block_indices[:, sl], qpos[:, sl], doc[:, sl], valid[:, sl], kv_len=S,
-                              block_size=cfg.block_size, rows=item_rows(G), packed=False)
+                              block_size=cfg.block_size, rows=item_rows(G), packed=packed)
         part = ops.kl_partials(q, k, lse, index_q, index_k, hi, work, q_base=c0, top_k=K,
                                block_size=cfg.block_size, softmax_scale=cfg.scale(D),
                                index_softmax_scale=cfg.index_scale(index_q.shape[-1]))
@@ -238,6 +241,7 @@ def _kl_grad(q, k, index_q, index_k, block_indices, lse, ilse, positions, cfg):
     G, K = Hq // Hkv, block_indices.shape[3]
     qpos, doc, valid = pos_lib.query_coords(positions, T)
     hi = pos_lib.last_visible_key(positions, qpos, valid)
+    packed = positions.segment_ids is not None
     lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
     ilse = jnp.where(jnp.isfinite(ilse), ilse, 0.0)
     call = functools.partial(ops.kl_bwd, q, k, lse, index_q, index_k, ilse, hi, top_k=K, block_size=cfg.block_size,
@@ -245,7 +249,7 @@ def _kl_grad(q, k, index_q, index_k, block_indices, lse, ilse, positions, cfg):
                              deterministic=cfg.deterministic)
     if not cfg.deterministic:
         work = worklist.build(block_indices, qpos, doc, valid, kv_len=S, block_size=cfg.block_size,
-                              rows=item_rows(G), packed=False)
+                              rows=item_rows(G), packed=packed)
         d_iq, d_ik = call(work, q_base=0)
         return d_iq, jnp.sum(d_ik, axis=2)
     chunk = kv_partials.query_chunk(T, K * Hkv * Di * 4)
@@ -254,7 +258,7 @@ def _kl_grad(q, k, index_q, index_k, block_indices, lse, ilse, positions, cfg):
         sl = slice(c0, min(T, c0 + chunk))
         Tc = sl.stop - sl.start
         work = worklist.build(block_indices[:, sl], qpos[:, sl], doc[:, sl], valid[:, sl], kv_len=S,
-                              block_size=cfg.block_size, rows=Tc * K, packed=False)
+                              block_size=cfg.block_size, rows=Tc * K, packed=packed)
         d_iq_part, d_ik_c = call(work, q_base=c0)
         d_iqs.append(jnp.sum(d_iq_part.reshape(B, Tc, K, Hkv, Di), axis=2))
         d_ik = d_ik + d_ik_c

@@ -154,7 +154,6 @@ class ConformanceSuite:
     fixed_dtype: str = "float32"
     fixed_dim: int | None = None
     # What an implementation does not serve is checked to be refused with a reason.
-    serves_packed_documents: bool = True
     serves_index_kl_loss: bool = True
 
     def _dims(self, d: int, di: int) -> tuple[int, int]:
@@ -350,18 +349,14 @@ class ConformanceSuite:
         assert float(res.kl_loss) == 0.0 and np.all(np.asarray(res.out) == 0)
 
     def test_packed_documents_equal_separate_calls(self, rng):
-        lengths, bk, K = (37, 70, 21), 16, 3
+        bk, K = self.fixed_block, 3
+        lengths = tuple(n * bk // 16 for n in (37, 70, 21))  # documents start inside blocks
         T = sum(lengths)
         seg = jnp.asarray(np.repeat(np.arange(3), lengths)[None], jnp.int32)
-        if not self.serves_packed_documents:
-            bk = self.fixed_block
-            xs, _ = make_inputs(rng, Case(1, T, T, 4, 2, *self._dims(32, 16), bk, K, self.fixed_dtype))
-            with pytest.raises(NotImplementedError, match=f"{self.implementation}: .*segment_ids"):
-                msa_jax.sparse_attention(*xs.values(), top_k=K, block_size=bk, segment_ids=seg,
-                                         implementation=self.implementation)
-            return
-        case = Case(1, T, T, 4, 2, 32, 16, bk, K, "float32")
+        case = Case(1, T, T, 4, 2, *self._dims(32, 16), bk, K, self.fixed_dtype)
         xs, _ = make_inputs(rng, case)
+        # The same kernels over other tiles and work items: equal up to a rounding of the dtype.
+        tol = self._rerun_tol(self.fixed_dtype)
         packed = msa_jax.sparse_attention(
             *xs.values(), top_k=K, block_size=bk, segment_ids=seg, implementation=self.implementation
         )
@@ -372,12 +367,13 @@ class ConformanceSuite:
             }
             one = msa_jax.sparse_attention(*part.values(), top_k=K, block_size=bk, implementation=self.implementation)
             sl = slice(start, start + n)
-            np.testing.assert_allclose(np.asarray(packed.out[:, sl]), np.asarray(one.out), rtol=1e-5, atol=1e-6)
+            f32 = lambda x: np.asarray(x, np.float32)
+            np.testing.assert_allclose(f32(packed.out[:, sl]), f32(one.out), rtol=tol["rtol"], atol=max(tol["atol"], 1e-6))
             np.testing.assert_allclose(np.asarray(packed.lse[:, sl]), np.asarray(one.lse), rtol=1e-5, atol=1e-5)
             np.testing.assert_array_equal(np.asarray(packed.block_indices[:, sl]), np.asarray(one.block_indices))
             kl_total += float(one.kl_loss) * n  # each call normalises by its own N
             start += n
-        np.testing.assert_allclose(float(packed.kl_loss), kl_total / T, rtol=1e-5)
+        np.testing.assert_allclose(float(packed.kl_loss), kl_total / T, rtol=1e-5 if self.fixed_dtype == "float32" else 1e-4)
 
     # ---- gradients and transformations -------------------------------------------------
 

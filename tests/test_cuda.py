@@ -98,7 +98,8 @@ def test_unsupported_shapes_have_reasons(monkeypatch):
     assert "Di=96" in impl.supports(_call(index_head_dim=96, **gpu_call))
     assert "block_size=64" in impl.supports(_call(config=dict(block_size=64), **gpu_call))
     assert "top_k=33" in impl.supports(_call(config=dict(top_k=33), **gpu_call))
-    assert "packed documents" in impl.supports(_call(has_segments=True, **gpu_call))
+    for op in ("select_blocks", "block_sparse_attention", "sparse_attention", "index_kl_loss"):
+        assert impl.supports(_call(op, has_segments=True, **gpu_call)) is None  # packed documents
     # The attention and KL kernels' own limits.
     for op in ("block_sparse_attention", "sparse_attention", "index_kl_loss"):
         assert impl.supports(_call(op, **gpu_call)) is None
@@ -320,6 +321,8 @@ CUDA_CASES = (
     Case(2, 1, 900, 8, 1, 128, 128, 128, 16, "bfloat16", kv_length=(900, 300)),
     Case(1, 640, 640, 7, 1, 64, 64, 128, 5, "bfloat16"),
     Case(1, 384, 384, 4, 4, 128, 128, 128, 2, "bfloat16"),
+    # Packed documents whose starts (0, 300, 377, 1277) cut the key tiles anywhere.
+    Case(1, 1400, 1400, 8, 2, 64, 128, 128, 3, "bfloat16", segments=(300, 77, 900, 123)),
 )
 
 
@@ -328,8 +331,7 @@ CUDA_CASES = (
 class TestCudaGPU(ConformanceSuite):
     implementation = "cuda"
     CASES = CUDA_CASES
-    GRAD_CASES = (CUDA_CASES[0], CUDA_CASES[2])
+    GRAD_CASES = (CUDA_CASES[0], CUDA_CASES[2], CUDA_CASES[6])
     fixed_block = 128
     fixed_dtype = "bfloat16"
     fixed_dim = 64
-    serves_packed_documents = False

@@ -21,6 +21,7 @@ ffi::Error SelectBlocks(cudaStream_t stream,
                         ffi::AnyBuffer index_k,                          // [B, S, Di] bf16
                         ffi::Buffer<ffi::S32> q_offset,                  // [B]
                         ffi::Buffer<ffi::S32> kv_length,                 // [B]
+                        ffi::Buffer<ffi::S32> doc,                       // [B, T]
                         ffi::Result<ffi::Buffer<ffi::S32>> block_indices,  // [B, T, Hkv, K]
                         int32_t top_k, int32_t block_size, float index_softmax_scale) {
   constexpr const char* kOp = "msa_select_blocks";
@@ -45,6 +46,10 @@ ffi::Error SelectBlocks(cudaStream_t stream,
     return ffi::Error::InvalidArgument(std::string(kOp) + ": q_offset and kv_length must have B = " +
                                        std::to_string(B) + " entries");
   }
+  if (!has_dims(doc.dimensions(), {B, T})) {
+    return ffi::Error::InvalidArgument(std::string(kOp) + ": doc must be [B, T] = [" + std::to_string(B) + ", " +
+                                       std::to_string(T) + "], got " + dims_str(doc.dimensions()));
+  }
   if (od.size() != 4 || od[0] != B || od[1] != T || od[2] != Hkv || od[3] != top_k) {
     return ffi::Error::InvalidArgument(std::string(kOp) + ": block_indices must be [B, T, Hkv, top_k], got " +
                                        dims_str(od));
@@ -65,6 +70,7 @@ ffi::Error SelectBlocks(cudaStream_t stream,
   params.index_k = index_k.untyped_data();
   params.q_offset = q_offset.typed_data();
   params.kv_length = kv_length.typed_data();
+  params.doc = doc.typed_data();
   params.block_indices = block_indices->typed_data();
   params.batch = static_cast<int>(B);
   params.q_len = static_cast<int>(T);
@@ -87,6 +93,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MsaSelectBlocks, msa::SelectBlocks,
                                   .Arg<ffi::AnyBuffer>()             // index_k
                                   .Arg<ffi::Buffer<ffi::S32>>()      // q_offset
                                   .Arg<ffi::Buffer<ffi::S32>>()      // kv_length
+                                  .Arg<ffi::Buffer<ffi::S32>>()      // doc
                                   .Ret<ffi::Buffer<ffi::S32>>()      // block_indices
                                   .Attr<int32_t>("top_k")
                                   .Attr<int32_t>("block_size")

@@ -112,7 +112,8 @@ struct Config {
     array_aligned<Element, 2 * cosize_v<SmemLayoutPt>, 1024> p;   // one Pᵀ per warpgroup
     array_aligned<Element, 2 * cosize_v<SmemLayoutPt>, 1024> ds;  // one dSᵀ per warpgroup
     RowInfo info[kStages][kRows];  // the stage's rows (written by its gathering warp)
-    uint64_t full[kStages];   // mbarrier: stage gathered (1 arrival: the warp's lane 0)
+    uint64_t full[kStages];   // mbarrier: stage gathered (32 arrivals: every lane of the gathering warp,
+                            // each after its own writes, so each write is ordered before the readers' wait)
     uint64_t empty[kStages];  // mbarrier: stage read (256 arrivals: both computing warpgroups)
     uint64_t kv_full;         // mbarrier: K and V landed (TMA transaction bytes)
   };
@@ -154,7 +155,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int lane = threadIdx.x % 32;
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
-      cutlass::arch::ClusterBarrier::init(&smem.full[s], 1);
+      cutlass::arch::ClusterBarrier::init(&smem.full[s], 32);
       cutlass::arch::ClusterBarrier::init(&smem.empty[s], 256);
     }
     cutlass::arch::ClusterTransactionBarrier::init(&smem.kv_full, 1);
@@ -176,7 +177,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int h = 0; h < 2; ++h) {
         auto half_of = [&](auto const& tma) {
           Tensor m = tma.get_tma_tensor(kv_shape<kD>(p));
-          return local_tile(m(_, _, g, b), Shape<Int<kHalf>, Int<kD>>{}, make_coord(tile / kHalf + h, 0));
+          return local_tile(domain_offset(make_coord(tile, 0), m(_, _, g, b)), Shape<Int<kHalf>, Int<kD>>{},
+                            make_coord(h, 0));
         };
         auto tk = args.tma_k.get_slice(0);
         auto tv = args.tma_v.get_slice(0);
@@ -231,8 +233,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       cute::cp_async_wait<0>();
       // The gather and the zero fill are visible to wgmma (the async proxy) after a proxy fence.
       cutlass::arch::fence_view_async_shared();
-      __syncwarp();
-      if (lane == 0) cutlass::arch::ClusterBarrier::arrive(&smem.full[s]);
+      cutlass::arch::ClusterBarrier::arrive(&smem.full[s]);
     }
   } else {
     cutlass::arch::warpgroup_reg_alloc<kComputeRegisters>();

@@ -129,7 +129,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), typename Cfg::SmemLayoutKV{});
       auto tile_of = [&](auto const& tma) {
         Tensor m = tma.get_tma_tensor(kv_shape<kD>(p));
-        return local_tile(m(_, _, g, b), Shape<Int<kBlock>, Int<kD>>{}, make_coord(tile / kBlock, 0));
+        return local_tile(domain_offset(make_coord(tile, 0), m(_, _, g, b)), Shape<Int<kBlock>, Int<kD>>{},
+                          make_coord(0, 0));
       };
       cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.kv_full, Cfg::kKVBytes);
       auto tk = args.tma_k.get_slice(0);

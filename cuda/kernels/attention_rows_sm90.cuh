@@ -81,8 +81,9 @@ __device__ __forceinline__ bool load_work_item(const Params& p, WorkItem& w) {
   w.count = p.item_count[at];
   w.start = p.item_start[at];
   w.tile = p.item_tile[at];
-  if (w.count <= 0 || w.start < 0 || w.count > p.num_entries - w.start || w.tile < 0 || w.tile >= p.kv_len ||
-      w.tile % kBlock != 0) {
+  // A tile may start at any key (packed documents lay their block grids from each document's
+  // first key); its TMA box zero-fills past S and the kernels mask or skip keys >= S.
+  if (w.count <= 0 || w.start < 0 || w.count > p.num_entries - w.start || w.tile < 0 || w.tile >= p.kv_len) {
     return false;
   }
   w.group = p.num_q_heads / p.num_kv_heads;

@@ -7,8 +7,15 @@
 // not ranked, so only blocks j < L(i) are scored, and every such block is fully visible to
 // row i: no mask. No score ever reaches device memory.
 //
+// Packed documents: a row's blocks are laid from its document's first key `doc`, so they need
+// not line up with the key tiles. The CTA streams 128-key tiles from the smallest doc among
+// its rows (T0); for a row whose doc - T0 is not a multiple of 128 a tile holds the end of
+// one of its blocks (columns < (doc - T0) % 128) and the start of the next, so the row keeps
+// the partial max of the open block between tiles. CTAs whose rows all line up with the
+// tiles (every CTA without packed documents) pool as before.
+//
 // Roles (one elected thread of warpgroup 0 loads; warpgroups 1 and 2 compute, 64 rows each):
-//   load:    Q tile once (its own barrier), then key blocks 0 .. n_blocks-1 into the ring.
+//   load:    Q tile once (its own barrier), then the CTA's key tiles (TileRange) into the ring.
 //   compute: per block: S = Q Kᵀ (64 x 128 per warpgroup); row max (a row's 128 columns sit in
 //            the 4 lanes of a quad: thread-local max, then two shuffles); one lane per row
 //            offers si * max to its row's running top-k (a compare against the cached minimum
@@ -171,6 +178,53 @@ struct RunningTopK {
   }
 };
 
+// Document start of valid row t (key coordinate pos), clamped into [0, pos] so that no int32
+// content can move a load or a block id out of range.
+__device__ __forceinline__ int row_doc(const IndexerParams& p, int b, int t, int pos) {
+  return min(max(p.doc[int64_t(b) * p.q_len + t], 0), pos);
+}
+
+// The key tiles a CTA streams: `count` tiles of 128 keys from key `first` (the smallest
+// document start among its valid rows), reaching the end of every row's last fully visible
+// block; `aligned`: every valid row's document starts a multiple of 128 keys after `first`.
+// Each warp derives it on its own from the rows' positions (128 loads, no shared memory).
+struct TileRange {
+  int first;
+  int count;
+  bool aligned;
+};
+
+__device__ TileRange tile_range(const IndexerParams& p, int b, int t0, int q_offset, int kv_length) {
+  constexpr int kPerLane = kRows / 32;
+  const int lane = threadIdx.x % 32;
+  int doc[kPerLane];
+  int first = INT_MAX, end = 0;  // end: one past the last key any row ranks
+  CUTE_UNROLL
+  for (int i = 0; i < kPerLane; ++i) {
+    const int t = t0 + lane + 32 * i;
+    const int pos = q_offset + t;
+    doc[i] = -1;
+    if (t < p.q_len && pos >= 0 && pos < kv_length) {
+      doc[i] = row_doc(p, b, t, pos);
+      first = min(first, doc[i]);
+      end = max(end, doc[i] + (pos - doc[i]) / kBlock * kBlock);
+    }
+  }
+  CUTE_UNROLL
+  for (int o = 16; o > 0; o /= 2) {
+    first = min(first, __shfl_xor_sync(0xffffffff, first, o));
+    end = max(end, __shfl_xor_sync(0xffffffff, end, o));
+  }
+  bool misaligned = false;
+  CUTE_UNROLL
+  for (int i = 0; i < kPerLane; ++i) misaligned |= doc[i] >= 0 && (doc[i] - first) % kBlock != 0;
+  TileRange range;
+  range.first = first == INT_MAX ? 0 : first;
+  range.count = end > range.first ? (end - range.first + kBlock - 1) / kBlock : 0;
+  range.aligned = !__any_sync(0xffffffff, misaligned);
+  return range;
+}
+
 template <class Cfg>
 __global__ void __launch_bounds__(kThreads, 1)
     indexer_kernel(const __grid_constant__ KernelArgs<Cfg> args) {
@@ -193,11 +247,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   // outside these ranges make the same rows padding as the bounds themselves do.
   const int q_offset = min(max(p.q_offset[b], -p.q_len), p.kv_len);
   const int kv_length = min(max(p.kv_length[b], 0), p.kv_len);
-  // Valid rows t: t < T and 0 <= q_offset + t < kv_length; a contiguous range [t_lo, t_hi].
-  const int t_lo = max(t0, -q_offset);
-  const int t_hi = min(min(t0 + kRows, p.q_len), kv_length - q_offset) - 1;
-  // Candidate blocks of the tile: j < L(t_hi), the largest local block among its rows.
-  const int n_blocks = t_hi >= t_lo ? (q_offset + t_hi) / kBlock : 0;
+  // Valid rows t: t < T and 0 <= q_offset + t < kv_length. Their candidate blocks lie in the
+  // range's tiles (without packed documents: tiles 0 .. L(last valid row) - 1 from key 0).
+  const TileRange range = tile_range(p, b, t0, q_offset, kv_length);
 
   typename Pipeline::Params pipe_params;
   pipe_params.transaction_bytes = Cfg::kKBytes;
@@ -215,7 +267,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (warp_group == 0) {
     cutlass::arch::warpgroup_reg_dealloc<kLoadRegisters>();
-    if (warp == 0 && lane_predicate && n_blocks > 0) {
+    if (warp == 0 && lane_predicate && range.count > 0) {
       cute::prefetch_tma_descriptor(args.tma_q.get_tma_descriptor());
       cute::prefetch_tma_descriptor(args.tma_k.get_tma_descriptor());
       Tensor mQ = args.tma_q.get_tma_tensor(Cfg::q_shape(p));
@@ -225,12 +277,15 @@ __global__ void __launch_bounds__(kThreads, 1)
       copy(args.tma_q.with(smem.q_full), tma_q.partition_S(gQ), tma_q.partition_D(sQ));
 
       Tensor mK = args.tma_k.get_tma_tensor(Cfg::k_shape(p));
-      Tensor gK = local_tile(mK(_, _, b), Shape<Int<kBlock>, Int<kDi>>{}, make_coord(_, 0));
+      // Tiles from key range.first (any key: the TMA box may start anywhere and zero-fills
+      // past S; the keys there are never ranked).
+      Tensor gK = local_tile(domain_offset(make_coord(range.first, 0), mK(_, _, b)), Shape<Int<kBlock>, Int<kDi>>{},
+                             make_coord(_, 0));
       auto tma_k = args.tma_k.get_slice(0);
       Tensor tKgK = tma_k.partition_S(gK);  // (TMA, TMA_M, TMA_K, blocks)
       Tensor tKsK = tma_k.partition_D(sK);  // (TMA, TMA_M, TMA_K, stages)
       auto write = cutlass::make_producer_start_state<Pipeline>();
-      for (int j = 0; j < n_blocks; ++j) {
+      for (int j = 0; j < range.count; ++j) {
         pipeline.producer_acquire(write);
         copy(args.tma_k.with(*pipeline.producer_get_barrier(write)), tKgK(_, _, _, j),
              tKsK(_, _, _, write.index()));
@@ -252,12 +307,29 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int mine = lane & 1;
     const bool owner = (lane & 2) == 0;
     const int row = get<0>(coord_rc(mine, 0));  // this lane's row in the tile, if it owns one
+    // Where each of the thread's two rows cuts a tile: (doc - range.first) = 128 lag + split;
+    // tile j holds the row's block j - lag from column split on (and block j - lag - 1 before).
+    int lag[2], split[2];
+    bool valid[2];
+    int local[2];
+    CUTE_UNROLL
+    for (int r = 0; r < 2; ++r) {
+      const int t = t0 + get<0>(coord_rc(r, 0));
+      const int pos = q_offset + t;
+      valid[r] = t < p.q_len && pos >= 0 && pos < kv_length;
+      const int doc = valid[r] ? row_doc(p, b, t, pos) : range.first;
+      lag[r] = (doc - range.first) / kBlock;
+      split[r] = (doc - range.first) % kBlock;
+      local[r] = valid[r] ? (pos - doc) / kBlock : 0;  // L(i), document-relative
+    }
     const int t = t0 + row;
-    const int pos = q_offset + t;
-    const bool valid = t < p.q_len && pos >= 0 && pos < kv_length;
-    const int local = valid ? pos / kBlock : 0;
+    // (selects, not lag[mine]: a register array indexed at run time would live in local memory)
+    const int my_lag = mine ? lag[1] : lag[0], my_split = mine ? split[1] : split[0];
+    const int my_local = mine ? local[1] : local[0];
+    const bool my_valid = mine ? valid[1] : valid[0];
     const float scale = p.index_softmax_scale;
     RunningTopK top(smem.top_score[row], smem.top_id[row], owner ? p.top_k - 1 : 0);
+    float open = -INFINITY;  // split path: the max so far of the row's block that runs into the next tile
 
     // S = Q Kᵀ of one block into `acc`, issued asynchronously (wgmma over Di in steps of 16).
     auto issue = [&](auto& acc, int stage) {
@@ -271,12 +343,41 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       warpgroup_commit_batch();
     };
-    // Row maxima of a finished block (M(i, g, j) before the scale), offered to the top-k.
+    // Row maxima of tile j (M(i, g, block) before the scale), offered to the top-k: blocks
+    // reach the top-k in increasing id order, as it requires.
     auto pool = [&](auto& acc, int j) {
       warpgroup_fence_operand(acc);
       Tensor s = make_tensor(acc.data(), sm90::acc_rows_by_cols(acc.layout()));  // (2 rows, 64 cols)
       static_assert(size<0>(decltype(s){}) == 2, "a thread holds two rows of S");
       constexpr int kCols = size<1>(decltype(s){});
+      if (!range.aligned) {
+        // Row r's columns < split[r] close its open block, the others open the next.
+        float lo[2], hi[2];
+        CUTE_UNROLL
+        for (int r = 0; r < 2; ++r) {
+          lo[r] = -INFINITY;
+          hi[r] = -INFINITY;
+          CUTE_UNROLL
+          for (int c = 0; c < kCols; ++c) {
+            const bool before = get<1>(coord_rc(r, c)) < split[r];
+            lo[r] = fmaxf(lo[r], before ? s(r, c) : -INFINITY);
+            hi[r] = fmaxf(hi[r], before ? -INFINITY : s(r, c));
+          }
+          CUTE_UNROLL
+          for (int o = 1; o <= 2; o *= 2) {
+            lo[r] = fmaxf(lo[r], __shfl_xor_sync(0xffffffff, lo[r], o));
+            hi[r] = fmaxf(hi[r], __shfl_xor_sync(0xffffffff, hi[r], o));
+          }
+        }
+        if (owner) {
+          const float l = mine ? lo[1] : lo[0], h = mine ? hi[1] : hi[0];
+          const int block = my_split == 0 ? j - my_lag : j - my_lag - 1;
+          const float m = my_split == 0 ? h : fmaxf(open, l);
+          if (block >= 0 && block < my_local) top.offer(scale * m, block);
+          open = h;
+        }
+        return;
+      }
       float m[2][4];  // four independent chains per row: short dependency chains
       CUTE_UNROLL
       for (int r = 0; r < 2; ++r) {
@@ -291,7 +392,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       m1 = fmaxf(m1, __shfl_xor_sync(0xffffffff, m1, 1));
       m0 = fmaxf(m0, __shfl_xor_sync(0xffffffff, m0, 2));
       m1 = fmaxf(m1, __shfl_xor_sync(0xffffffff, m1, 2));
-      if (owner && j < local) top.offer(scale * (mine ? m1 : m0), j);
+      const int block = j - my_lag;
+      if (owner && block >= 0 && block < my_local) top.offer(scale * (mine ? m1 : m0), block);
     };
 
     // Two accumulators in turn: block j + 1's wgmmas run while block j is pooled.
@@ -318,6 +420,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       ++release_state;
       pool(acc, j);
     };
+    const int n_blocks = range.count;
     if (n_blocks > 0) {
       cutlass::arch::ClusterBarrier::wait(&smem.q_full, 0);
       issue_next(acc0);  // block 0
@@ -339,8 +442,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     if (owner && t < p.q_len) {
       int32_t* out = p.block_indices + ((int64_t(b) * p.q_len + t) * p.num_kv_heads + g) * p.top_k;
-      if (valid) {
-        top.write_row(out, p.top_k, local);
+      if (my_valid) {
+        top.write_row(out, p.top_k, my_local);
       } else {
         for (int k = 0; k < p.top_k; ++k) out[k] = -1;  // padding query (spec, "Positions")
       }
@@ -354,7 +457,7 @@ cudaError_t launch(const IndexerParams& p, cudaStream_t stream) {
   using Cfg = Config<kDi, kKeep>;
   // TMA needs 16-byte aligned bases (the row strides, multiples of Di * 2 bytes, always are);
   // a descriptor that fails to encode would make the kernel read garbage, so refuse here.
-  if (!sm90::aligned16(p.index_q) || !sm90::aligned16(p.index_k) || p.index_head_dim != kDi ||
+  if (!sm90::aligned16(p.index_q) || !sm90::aligned16(p.index_k) || p.doc == nullptr || p.index_head_dim != kDi ||
       p.block_size != kBlock || p.top_k < 1 || p.top_k - 1 > kKeep || p.batch < 1 ||
       p.q_len < 1 || p.kv_len < 1 || p.num_kv_heads < 1 || p.num_kv_heads > 65535 ||
       p.batch > 65535) {

@@ -157,7 +157,8 @@ struct Config {
     array_aligned<IndexElement, cosize_v<SmemLayoutIK>, 1024> ik;
     array_aligned<IndexElement, kGrad ? 2 * cosize_v<SmemLayoutDUt> : 8, 1024> du;  // one du per warpgroup
     RowInfo info[kStages][kRows];  // the stage's rows (written by its gathering warp)
-    uint64_t full[kStages];   // mbarrier: stage gathered (1 arrival: the warp's lane 0)
+    uint64_t full[kStages];   // mbarrier: stage gathered (32 arrivals: every lane of the gathering warp,
+                            // each after its own writes, so each write is ordered before the readers' wait)
     uint64_t empty[kStages];  // mbarrier: stage read (256 arrivals: both computing warpgroups)
     uint64_t tile_full;       // mbarrier: K and index keys landed (TMA transaction bytes)
   };
@@ -268,7 +269,7 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
   const int lane = threadIdx.x % 32;
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
-      cutlass::arch::ClusterBarrier::init(&smem.full[s], 1);
+      cutlass::arch::ClusterBarrier::init(&smem.full[s], 32);
       cutlass::arch::ClusterBarrier::init(&smem.empty[s], 256);
     }
     cutlass::arch::ClusterTransactionBarrier::init(&smem.tile_full, 1);
@@ -306,8 +307,10 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
       Tensor mIK = args.tma_ik.get_tma_tensor(make_shape(p.kv_len, Int<kDi>{}, p.batch));
       CUTE_UNROLL
       for (int h = 0; h < 2; ++h) {
-        Tensor gK = local_tile(mK(_, _, g, b), Shape<Int<kHalf>, Int<kD>>{}, make_coord(tile / kHalf + h, 0));
-        Tensor gIK = local_tile(mIK(_, _, b), Shape<Int<kHalf>, Int<kDi>>{}, make_coord(tile / kHalf + h, 0));
+        Tensor gK = local_tile(domain_offset(make_coord(tile, 0), mK(_, _, g, b)), Shape<Int<kHalf>, Int<kD>>{},
+                               make_coord(h, 0));
+        Tensor gIK = local_tile(domain_offset(make_coord(tile, 0), mIK(_, _, b)), Shape<Int<kHalf>, Int<kDi>>{},
+                                make_coord(h, 0));
         copy(args.tma_k.with(smem.tile_full), tk.partition_S(gK), tk.partition_D(sK(_, _, h)));
         copy(args.tma_ik.with(smem.tile_full), tik.partition_S(gIK), tik.partition_D(sIK(_, _, h)));
       }
@@ -350,8 +353,7 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
       cute::cp_async_wait<0>();
       // The gather and the zero fill are visible to wgmma (the async proxy) after a proxy fence.
       cutlass::arch::fence_view_async_shared();
-      __syncwarp();
-      if (lane == 0) cutlass::arch::ClusterBarrier::arrive(&smem.full[s]);
+      cutlass::arch::ClusterBarrier::arrive(&smem.full[s]);
     }
     return;
   }

@@ -22,13 +22,15 @@ KL_BWD = "msa_kl_bwd"
 TARGETS = (SELECT_BLOCKS, SPARSE_ATTENTION_PARTIALS, SPARSE_ATTENTION_BWD, KL_PARTIALS, KL_BWD)
 
 
-def select_blocks(index_q, index_k, q_offset, kv_length, *, top_k: int, block_size: int,
+def select_blocks(index_q, index_k, q_offset, kv_length, doc, *, top_k: int, block_size: int,
                   index_softmax_scale: float):
     """The fused indexer (target "msa_select_blocks").
 
     Args:
       index_q: bf16 [B, T, Hkv, Di]; index_k: bf16 [B, S, Di].
       q_offset, kv_length: int32 [B] (spec, "Positions").
+      doc: int32 [B, T], the first key of each query's document (`positions.query_coords`;
+        zeros without packed documents): block ids are counted from it.
       top_k, block_size, index_softmax_scale: the spec's K, Bk, si.
 
     Returns:
@@ -37,7 +39,7 @@ def select_blocks(index_q, index_k, q_offset, kv_length, *, top_k: int, block_si
     B, T, Hkv, _ = index_q.shape
     out = jax.ShapeDtypeStruct((B, T, Hkv, top_k), jnp.int32)
     call = jax.ffi.ffi_call(SELECT_BLOCKS, out, vmap_method="sequential")
-    return call(index_q, index_k, q_offset.astype(jnp.int32), kv_length.astype(jnp.int32),
+    return call(index_q, index_k, q_offset.astype(jnp.int32), kv_length.astype(jnp.int32), doc.astype(jnp.int32),
                 top_k=np.int32(top_k), block_size=np.int32(block_size),
                 index_softmax_scale=np.float32(index_softmax_scale))
 

@@ -9,12 +9,13 @@ namespace msa {
 
 // select_blocks: the fused indexer (spec, "Index branch"). Dense row-major tensors:
 //   index_q [B, T, Hkv, Di], index_k [B, S, Di] (bf16), q_offset / kv_length [B] (int32),
-//   block_indices [B, T, Hkv, top_k] (int32, written whole).
+//   doc [B, T] (int32), block_indices [B, T, Hkv, top_k] (int32, written whole).
 struct IndexerParams {
   const void* index_q;
   const void* index_k;
   const int32_t* q_offset;   // device pointer: key position of query 0, per row
   const int32_t* kv_length;  // device pointer: keys that exist, per row
+  const int32_t* doc;        // device pointer [B, T]: first key of each query's document (0 without packed documents)
   int32_t* block_indices;
   int batch;           // B
   int q_len;           // T
