@@ -194,7 +194,7 @@ struct TileRange {
   bool aligned;
 };
 
-__device__ TileRange tile_range(const IndexerParams& p, int b, int t0, int q_offset, int kv_length) {
+__device__ __forceinline__ TileRange tile_range(const IndexerParams& p, int b, int t0, int q_offset, int kv_length) {
   constexpr int kPerLane = kRows / 32;
   const int lane = threadIdx.x % 32;
   int doc[kPerLane];
