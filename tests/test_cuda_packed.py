@@ -8,7 +8,8 @@ Documents here start inside blocks, on block boundaries, and are shorter than on
 - select_blocks: the packed call equals one call per document exactly (the same scores,
   pooled over the same keys) and at least 99% of rows equal the `xla` reference's.
 - sparse_attention end to end (indexer, forward, KL value, backward with the KL gradient)
-  against the `xla` reference on the same inputs upcast to float32: out, lse, kl_loss and
+  against the `xla` reference on the same inputs upcast to float32: at least 99% of rows
+  select the same blocks, out, lse (on those rows), kl_loss and
   the gradients of q, k, v, index_q, index_k (cosine >= 0.999, relative error <= 2e-2 for
   q, k, v), D 128 / G 8 bf16 and D 64 / G 3 fp16, atomic and deterministic, and the dense
   warm-up mode; the deterministic mode is bitwise repeatable; nothing falls through to pallas.
@@ -108,12 +109,16 @@ def test_sparse_attention_packed_matches_reference(rng, Hq, Hkv, D, dtype, mode,
     up = lambda x: x.astype(jnp.float32)
     (_, got), got_g = _value_and_grads("cuda", xs, w, seg, mode, deterministic)
     (_, want), want_g = _value_and_grads("xla", (*map(up, xs[:3]), *xs[3:]), w, seg, mode, False)
-    np.testing.assert_array_equal(np.asarray(got.block_indices), np.asarray(want.block_indices))
+    # The two indexers sum bf16 products in other orders: near-ties may pick other blocks in a
+    # few rows (2 of 384000 entries in one run); compare per-row values where every group agrees.
+    same = np.all(np.asarray(got.block_indices) == np.asarray(want.block_indices), axis=(2, 3))  # [B, T]
+    assert same.mean() >= MIN_EXACT_ROWS, f"only {same.mean():.4%} of rows select what the reference does"
     err = rel_err(got.out, want.out)
     assert err <= OUT_TOL, f"out relative error {err:.3g}"
-    finite = np.isfinite(np.asarray(want.lse))
-    np.testing.assert_array_equal(np.isfinite(np.asarray(got.lse)), finite)
-    np.testing.assert_allclose(np.asarray(got.lse)[finite], np.asarray(want.lse)[finite], rtol=1e-3, atol=1e-3)
+    got_lse, want_lse = np.asarray(got.lse)[same], np.asarray(want.lse)[same]
+    finite = np.isfinite(want_lse)
+    np.testing.assert_array_equal(np.isfinite(got_lse), finite)
+    np.testing.assert_allclose(got_lse[finite], want_lse[finite], rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(float(got.kl_loss), float(want.kl_loss), rtol=1e-2)
     for name, a, b in zip(("q", "k", "v", "index_q", "index_k"), got_g, want_g):
         assert np.isfinite(np.asarray(a, np.float32)).all(), f"d {name} has NaN or inf"
