@@ -21,10 +21,11 @@ and sparse_attention end to end (the CUDA backward; its own tests: test_cuda_bwd
 cosine >= 0.999, and a bitwise-repeatable forward.
 
 The conformance suite (marked `gpu`, TestCudaGPU): every test of tests/conformance.py with
-implementation="cuda" against the float64 oracle, on cases cuda serves (block 128, bf16)
-and the fixed-shape tests at block 128 / bf16 / D = Di = 64; packed documents and
-index_kl_loss alone runs the CUDA forward for its teacher's lse and the CUDA KL passes (their
-own tests: test_cuda_kl.py).
+implementation="cuda" against the float64 oracle, on cases cuda serves (block 128, bf16, one
+of them packed documents that start inside blocks) and the fixed-shape tests at block 128 /
+bf16 / D = Di = 64. index_kl_loss alone runs the CUDA forward for its teacher's lse and the
+CUDA KL passes (their own tests: test_cuda_kl.py); packed documents have their own GPU tests
+too (test_cuda_packed.py).
 """
 
 from __future__ import annotations
