@@ -69,15 +69,17 @@ def make_inputs(cfg: bench.Config, n: int, dtype, mesh: Mesh | None) -> list[jax
     return jax.jit(draw, out_shardings=out_shardings)(jax.random.key(0))
 
 
-def op_function(op: str, cfg: bench.Config, impl: str, mesh: Mesh | None):
+def op_function(op: str, cfg: bench.Config, impl: str, mesh: Mesh | None, kv_fetch_blocks: int | None = None):
     """The jitted function `op` times, on (q, k, v, index_q, index_k, w): through
-    context_parallel_sparse_attention over `mesh`, or sparse_attention when mesh is None."""
+    context_parallel_sparse_attention over `mesh` (with `kv_fetch_blocks`), or
+    sparse_attention when mesh is None."""
     options = dict(top_k=cfg.top_k, block_size=cfg.block_size, implementation=impl)
 
     def msa(q, k, v, index_q, index_k):
         if mesh is None:
             return msa_jax.sparse_attention(q, k, v, index_q, index_k, **options)
-        return msa_jax.context_parallel_sparse_attention(q, k, v, index_q, index_k, mesh=mesh, axis=AXIS, **options)
+        return msa_jax.context_parallel_sparse_attention(q, k, v, index_q, index_k, mesh=mesh, axis=AXIS,
+                                                         kv_fetch_blocks=kv_fetch_blocks, **options)
 
     def fwd(q, k, v, index_q, index_k, w):
         del w
@@ -91,11 +93,13 @@ def op_function(op: str, cfg: bench.Config, impl: str, mesh: Mesh | None):
     return jax.jit(fn)
 
 
-def run_case(op: str, cfg: bench.Config, impl: str, mesh: Mesh | None, inputs, args) -> dict:
+def run_case(op: str, cfg: bench.Config, impl: str, mesh: Mesh | None, inputs, args,
+             kv_fetch_blocks: int | None = None) -> dict:
     """One timed case; an exception is recorded, not raised."""
-    case = {"op": op, "n": inputs[0].shape[1], "devices": 1 if mesh is None else mesh.size, "impl": impl}
+    case = {"op": op, "n": inputs[0].shape[1], "devices": 1 if mesh is None else mesh.size, "impl": impl,
+            "kv_fetch_blocks": kv_fetch_blocks}
     try:
-        fn = op_function(op, cfg, impl, mesh)
+        fn = op_function(op, cfg, impl, mesh, kv_fetch_blocks)
         compiled = fn.lower(*inputs).compile()
         case["memory"] = bench.device_bytes(compiled)
         compile_s, times, _, _ = bench.time_calls(compiled, [inputs], warmup=args.warmup, repeats=args.repeats,
@@ -114,6 +118,9 @@ def parse_args(argv):
     p.add_argument("--impl", nargs="+", default=["cuda"], choices=KNOWN)
     p.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
     p.add_argument("--single", action="store_true", help="also time each op on one device (where it fits)")
+    p.add_argument("--kv-fetch-blocks", nargs="+", type=int, default=[], metavar="C",
+                   help="also time the split ops fetching only the selected K/V blocks, at most C per device pair "
+                        "(context_parallel_sparse_attention's kv_fetch_blocks); the whole gather always runs")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
@@ -154,13 +161,16 @@ def main(argv=None) -> dict:
         layouts = [mesh] + ([None] if args.single else [])
         for layout in layouts:
             inputs = make_inputs(cfg, n, dtype, layout)
+            fetches = [None] + (args.kv_fetch_blocks if layout is not None else [])
             for impl in args.impl:
-                for op in args.ops:
-                    case = run_case(op, cfg, impl, layout, inputs, args)
-                    run["cases"].append(case)
-                    bench.write_json(out_path, run)
-                    shown = f"{case['median_s'] * 1e3:.2f} ms" if case["status"] == "ok" else case["error"][:200]
-                    print(f"  N={n} {case['devices']} device(s) {impl} {op}: {shown}", flush=True)
+                for fetch in fetches:
+                    for op in args.ops:
+                        case = run_case(op, cfg, impl, layout, inputs, args, fetch)
+                        run["cases"].append(case)
+                        bench.write_json(out_path, run)
+                        shown = f"{case['median_s'] * 1e3:.2f} ms" if case["status"] == "ok" else case["error"][:200]
+                        how = "" if fetch is None else f" kv_fetch_blocks={fetch}"
+                        print(f"  N={n} {case['devices']} device(s) {impl}{how} {op}: {shown}", flush=True)
             for x in inputs:
                 x.delete()
             jax.clear_caches()

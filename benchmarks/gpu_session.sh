@@ -34,8 +34,9 @@
 #   bench-1m       config A at 1M tokens, cuda: indexer, sparse forward, MSA forward (with XLA's
 #                  memory plan of each) against one cuDNN dense forward
 #   bench-cp       bench_cp.py: config A at CP_N tokens (default 1M) split over every GPU of the machine
-#                  (forward and training step), against one GPU where it fits; for the kinds with
-#                  several GPUs (issue #16)
+#                  (forward and training step), against one GPU where it fits, and the split ops again
+#                  fetching only the selected K/V blocks (CP_FETCH: capacities, default "128 256");
+#                  for the kinds with several GPUs (issue #16)
 #   bench-decode   bench_decode.py: one decode step (T = 1), config A, B 1 at 1M and B 32 at 128K, paged bf16 and fp8 caches (DECODE_IMPLS, default "cuda pallas"), against dense cuDNN decode, with the FP8-vs-bf16 selection disagreement
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -170,7 +171,9 @@ for step in "$@"; do
       run "$step" python3 benchmarks/bench.py --config "${step#bench-}" --impl ${BENCH_IMPLS:-cuda pallas} \
         --n 8192 32768 131072 --repeats 5 --warmup 2 --time-limit 60 --out "$OUT" "${ops[@]}" ;;
     bench-cp)
-      run bench-cp python3 benchmarks/bench_cp.py --config A --n ${CP_N:-1048576} --impl cuda --single --out "$OUT" ;;
+      # shellcheck disable=SC2086 (CP_FETCH holds a list)
+      run bench-cp python3 benchmarks/bench_cp.py --config A --n ${CP_N:-1048576} --impl cuda --single \
+        --kv-fetch-blocks ${CP_FETCH:-128 256} --out "$OUT" ;;
     bench-decode)
       # shellcheck disable=SC2086 (DECODE_IMPLS is a list)
       run bench-decode python3 benchmarks/bench_decode.py --config A --impl ${DECODE_IMPLS:-cuda pallas} \

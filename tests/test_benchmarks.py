@@ -214,9 +214,15 @@ def test_context_parallel_bench(tmp_path):
         assert x.sharding.spec[1] == bench_cp.AXIS and len(x.sharding.device_set) == 4, x.sharding
     out = tmp_path / "cp.json"
     run = bench_cp.main(["--config", "tiny", "--n", "256", "--devices", "4", "--impl", "xla", "cuda", "--single",
-                         "--repeats", "1", "--warmup", "0", "--out", str(out)])
+                         "--kv-fetch-blocks", "2", "--repeats", "1", "--warmup", "0", "--out", str(out)])
     assert json.loads(out.read_text()) == run and run["finished"] and run["device_count"] == 4
-    cases = {(c["devices"], c["impl"], c["op"]): c for c in run["cases"]}
+    fetched = [c for c in run["cases"] if c["kv_fetch_blocks"] is not None]
+    assert {(c["devices"], c["impl"], c["op"], c["kv_fetch_blocks"]) for c in fetched} == {
+        (4, i, op, 2) for i in ("xla", "cuda") for op in bench_cp.OPS}
+    for op in bench_cp.OPS:  # the split op fetching selected blocks runs too
+        case = next(c for c in fetched if c["impl"] == "xla" and c["op"] == op)
+        assert case["status"] == "ok" and case["median_s"] > 0, case
+    cases = {(c["devices"], c["impl"], c["op"]): c for c in run["cases"] if c["kv_fetch_blocks"] is None}
     assert set(cases) == {(d, i, op) for d in (4, 1) for i in ("xla", "cuda") for op in bench_cp.OPS}
     for op in bench_cp.OPS:
         split, whole = cases[(4, "xla", op)], cases[(1, "xla", op)]

@@ -225,3 +225,128 @@ def test_rejects_bad_layouts():
     with pytest.raises(ValueError, match="kv_length"):
         msa_jax.context_parallel_sparse_attention(x, x, x, x, ik, mesh=mesh2, axis="seq", block_size=8,
                                                   kv_length=np.array([17, 3, 3], np.int32))
+
+
+# ---- fetching only the selected K/V blocks (kv_fetch_blocks) ---------------------------------
+
+
+def test_fetch_selected_kv_places_wanted_blocks():
+    """fetch_selected_kv under shard_map: every block a device wants arrives at its natural
+    position (the others are zero) when no device wants more than the capacity from one
+    owner, and the whole K/V otherwise (the fallback)."""
+    from msa_jax.context_parallel import fetch_selected_kv
+
+    b, h, dim, bk, chunk_blocks = 2, 2, 4, 4, 2
+    m = 2 * chunk_blocks  # blocks per device
+    nb, S = N * m, N * m * bk
+    rng = np.random.default_rng(11)
+    k = jnp.asarray(rng.standard_normal((b, S, h, dim)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((b, S, h, dim)), jnp.float32)
+    mesh = jax.make_mesh((N,), ("seq",))
+    owner = np.asarray(msa_jax.unzigzag(np.repeat(np.arange(N), m)[None], N))[0]  # owner of natural block j
+
+    def run(needed, capacity):
+        def local(k, v, needed):
+            return fetch_selected_kv(k, v, needed[0], axis="seq", num_shards=N, block_size=bk, capacity=capacity)
+
+        specs = (P(None, "seq"), P(None, "seq"), P("seq"))
+        args = [jax.device_put(x, NamedSharding(mesh, spec))
+                for x, spec in zip((msa_jax.zigzag(k, N), msa_jax.zigzag(v, N), jnp.asarray(needed)), specs)]
+        out = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=(P("seq"), P("seq")),
+                                    check_vma=False))(*args)
+        return [np.asarray(x) for x in out]  # [N * b, S, h, D]: device dev's result at rows dev * b...
+
+    # Each device wants a random set with at most 2 blocks from each owner.
+    needed = np.zeros((N, b, h, nb), bool)
+    for dev in range(N):
+        for row in range(b):
+            for head in range(h):
+                for o in range(N):
+                    mine = np.flatnonzero(owner == o)
+                    needed[dev, row, head, rng.choice(mine, size=rng.integers(0, 3), replace=False)] = True
+    got_k, got_v = run(needed, capacity=2)
+    for dev in range(N):
+        mask = np.repeat(needed[dev], bk, axis=-1).transpose(0, 2, 1)[..., None]  # [b, S, h, 1]
+        sl = slice(dev * b, (dev + 1) * b)
+        np.testing.assert_array_equal(got_k[sl], np.where(mask, k, 0.0))
+        np.testing.assert_array_equal(got_v[sl], np.where(mask, v, 0.0))
+    # One device wants 3 blocks of one owner: capacity 2 overflows, everyone gathers it all.
+    needed[1, 0, 0, np.flatnonzero(owner == 2)[:3]] = True
+    got_k, got_v = run(needed, capacity=2)
+    np.testing.assert_array_equal(got_k, np.tile(np.asarray(k), (N, 1, 1, 1)))
+    np.testing.assert_array_equal(got_v, np.tile(np.asarray(v), (N, 1, 1, 1)))
+
+
+# (implementation, mode, devices on the sequence axis, kv_fetch_blocks, kv_length, packed):
+# capacities that always suffice (the fetch path) and that never do (the fallback).
+FETCH_CASES = [
+    ("xla", "sparse", 4, 2, None, False),  # 2 blocks per device: everything fits
+    ("xla", "sparse", 4, 1, (64, 37), False),  # a device's own 2 blocks overflow: fallback
+    ("xla", "sparse", 4, 2, (64, 50), True),  # documents start mid-block: two blocks per tile
+    ("xla", "dense", 4, 2, None, False),  # dense mode gathers everything
+    ("pallas", "sparse", 2, 2, None, False),  # chunks of 16 tokens = one Pallas block
+]
+
+
+@pytest.mark.parametrize("implementation, mode, n, capacity, kv_length, packed", FETCH_CASES)
+def test_fetching_selected_blocks_matches_one_device(implementation, mode, n, capacity, kv_length, packed):
+    """kv_fetch_blocks gives what sparse_attention gives on one device (values and all five
+    gradients), with an all-to-all of the fetched blocks in the compiled program."""
+    Di, block = (16, 16) if implementation == "pallas" else (DI, BLOCK)
+    rng = np.random.default_rng(9)
+    normal = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
+    q, k, v = normal(2, S, HQ, D), normal(2, S, HKV, D), normal(2, S, HKV, D)
+    index_q, index_k, w = normal(2, S, HKV, Di), normal(2, S, Di), normal(2, S, HQ, D)
+    opts = dict(top_k=TOP_K, block_size=block, mode=mode, kl_coeff=0.5)
+    kvl = None if kv_length is None else np.asarray(kv_length, np.int32)
+    one_kw = {} if kvl is None else dict(kv_length=kvl) if packed else dict(q_offset=0, kv_length=kvl)
+    seg = None
+    if packed:
+        seg = np.zeros((2, S), np.int32)
+        for row, starts in enumerate(DOC_STARTS):
+            for start in starts:
+                seg[row, start:] += 1
+        one_kw["segment_ids"] = seg
+
+    def loss_one(q, k, v, index_q, index_k):
+        r = msa_jax.sparse_attention(q, k, v, index_q, index_k, implementation="xla", **opts, **one_kw)
+        return jnp.sum(r.out * w) + r.kl_loss, r
+
+    mesh = jax.make_mesh((n,), ("seq",), devices=jax.devices()[:n])
+    w_zz = msa_jax.zigzag(w, n)
+
+    def loss_cp(q, k, v, index_q, index_k):
+        r = msa_jax.context_parallel_sparse_attention(
+            q, k, v, index_q, index_k, mesh=mesh, axis="seq", kv_length=kvl, kv_fetch_blocks=capacity,
+            segment_ids=None if seg is None else msa_jax.zigzag(seg, n), implementation=implementation, **opts)
+        return jnp.sum(r.out * w_zz) + r.kl_loss, r
+
+    (want_value, want), want_grads = jax.jit(jax.value_and_grad(loss_one, argnums=range(5), has_aux=True))(
+        q, k, v, index_q, index_k)
+    natural = lambda x: np.asarray(msa_jax.unzigzag(np.asarray(x), n))  # noqa: E731
+    args = [jax.device_put(msa_jax.zigzag(x, n), NamedSharding(mesh, P(None, "seq")))
+            for x in (q, k, v, index_q, index_k)]
+    compiled = jax.jit(jax.value_and_grad(loss_cp, argnums=range(5), has_aux=True)).lower(*args).compile()
+    (value, got), grads = compiled(*args)
+
+    tol = dict(rtol=RTOL, atol=ATOL if implementation == "xla" else 1e-5)
+    np.testing.assert_allclose(value, want_value, rtol=RTOL)
+    np.testing.assert_array_equal(natural(got.block_indices), np.asarray(want.block_indices))
+    np.testing.assert_allclose(natural(got.out), want.out, **tol)
+    for name, g, wg in zip(("q", "k", "v", "index_q", "index_k"), grads, want_grads):
+        np.testing.assert_allclose(natural(g), wg, err_msg=f"d{name}", **tol)
+    hlo = compiled.as_text()
+    # The fetch (and its transpose) is there; dense mode never builds it. (An all-to-all may
+    # show as a tuple of per-device pieces, which _collectives' pattern does not read.)
+    assert (" all-to-all(" in hlo) == (mode == "sparse")
+
+
+def test_rejects_bad_fetch_capacity():
+    mesh = jax.make_mesh((N,), ("seq",))
+    x, ik = jnp.zeros((1, 64, 2, 16)), jnp.zeros((1, 64, 16))
+    with pytest.raises(ValueError, match="kv_fetch_blocks must be None or a positive int"):
+        msa_jax.context_parallel_sparse_attention(x, x, x, x, ik, mesh=mesh, axis="seq", block_size=8,
+                                                  kv_fetch_blocks=0)
+    with pytest.raises(ValueError, match="not a multiple of block_size=16"):
+        msa_jax.context_parallel_sparse_attention(x, x, x, x, ik, mesh=mesh, axis="seq", block_size=16,
+                                                  kv_fetch_blocks=2)
