@@ -133,19 +133,14 @@ RAGGED_CASES = [
 ]
 
 
-@pytest.mark.parametrize("implementation, mode, n_data, n_heads, kv_length, packed", RAGGED_CASES)
-def test_ragged_rows_batch_and_head_axes(implementation, mode, n_data, n_heads, kv_length, packed):
-    """kv_length (right padding), segment_ids (packed documents), batch_axis and head_axis
-    (the batch or the heads over a second mesh axis) give what sparse_attention(q_offset=0,
-    kv_length=..., segment_ids=...) gives on one device, d index_k included (summed over the
-    head shards); the all-gathers hold only the device's rows and kv heads, plus the whole
-    one-headed index_k (and, packed, the rows' segment ids)."""
-    n = N // (n_data * n_heads)  # devices on the sequence axis
-    Di, block = (16, 16) if implementation == "pallas" else (DI, BLOCK)
-    rng = np.random.default_rng(5)
+def _two_row_case(implementation, mode, kv_length, packed, seed):
+    """Random inputs of two rows (natural order), the op's options, kv_length, segment_ids
+    (documents from DOC_STARTS when packed) and the one-device call's position arguments."""
+    Di, block = (16, 16) if implementation == "pallas" else (DI, BLOCK)  # Pallas tiles: >= 16
+    rng = np.random.default_rng(seed)
     normal = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
-    q, k, v = normal(2, S, HQ, D), normal(2, S, HKV, D), normal(2, S, HKV, D)
-    index_q, index_k, w = normal(2, S, HKV, Di), normal(2, S, Di), normal(2, S, HQ, D)
+    xs = (normal(2, S, HQ, D), normal(2, S, HKV, D), normal(2, S, HKV, D), normal(2, S, HKV, Di), normal(2, S, Di))
+    w = normal(2, S, HQ, D)
     opts = dict(top_k=TOP_K, block_size=block, mode=mode, kl_coeff=0.5)
     kvl = None if kv_length is None else np.asarray(kv_length, np.int32)
     one_kw = {} if kvl is None else dict(kv_length=kvl) if packed else dict(q_offset=0, kv_length=kvl)
@@ -156,6 +151,19 @@ def test_ragged_rows_batch_and_head_axes(implementation, mode, n_data, n_heads, 
             for start in starts:
                 seg[row, start:] += 1
         one_kw["segment_ids"] = seg
+    return xs, w, opts, kvl, seg, one_kw
+
+
+@pytest.mark.parametrize("implementation, mode, n_data, n_heads, kv_length, packed", RAGGED_CASES)
+def test_ragged_rows_batch_and_head_axes(implementation, mode, n_data, n_heads, kv_length, packed):
+    """kv_length (right padding), segment_ids (packed documents), batch_axis and head_axis
+    (the batch or the heads over a second mesh axis) give what sparse_attention(q_offset=0,
+    kv_length=..., segment_ids=...) gives on one device, d index_k included (summed over the
+    head shards); the all-gathers hold only the device's rows and kv heads, plus the whole
+    one-headed index_k (and, packed, the rows' segment ids)."""
+    n = N // (n_data * n_heads)  # devices on the sequence axis
+    (q, k, v, index_q, index_k), w, opts, kvl, seg, one_kw = _two_row_case(implementation, mode, kv_length, packed, 5)
+    Di = index_k.shape[-1]
 
     def loss_one(q, k, v, index_q, index_k):
         r = msa_jax.sparse_attention(q, k, v, index_q, index_k, implementation="xla", **opts, **one_kw)
@@ -292,21 +300,7 @@ FETCH_CASES = [
 def test_fetching_selected_blocks_matches_one_device(implementation, mode, n, capacity, kv_length, packed):
     """kv_fetch_blocks gives what sparse_attention gives on one device (values and all five
     gradients), with an all-to-all of the fetched blocks in the compiled program."""
-    Di, block = (16, 16) if implementation == "pallas" else (DI, BLOCK)
-    rng = np.random.default_rng(9)
-    normal = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
-    q, k, v = normal(2, S, HQ, D), normal(2, S, HKV, D), normal(2, S, HKV, D)
-    index_q, index_k, w = normal(2, S, HKV, Di), normal(2, S, Di), normal(2, S, HQ, D)
-    opts = dict(top_k=TOP_K, block_size=block, mode=mode, kl_coeff=0.5)
-    kvl = None if kv_length is None else np.asarray(kv_length, np.int32)
-    one_kw = {} if kvl is None else dict(kv_length=kvl) if packed else dict(q_offset=0, kv_length=kvl)
-    seg = None
-    if packed:
-        seg = np.zeros((2, S), np.int32)
-        for row, starts in enumerate(DOC_STARTS):
-            for start in starts:
-                seg[row, start:] += 1
-        one_kw["segment_ids"] = seg
+    (q, k, v, index_q, index_k), w, opts, kvl, seg, one_kw = _two_row_case(implementation, mode, kv_length, packed, 9)
 
     def loss_one(q, k, v, index_q, index_k):
         r = msa_jax.sparse_attention(q, k, v, index_q, index_k, implementation="xla", **opts, **one_kw)
