@@ -112,8 +112,9 @@ struct Config {
     array_aligned<Element, 2 * cosize_v<SmemLayoutPt>, 1024> p;   // one Pᵀ per warpgroup
     array_aligned<Element, 2 * cosize_v<SmemLayoutPt>, 1024> ds;  // one dSᵀ per warpgroup
     RowInfo info[kStages][kRows];  // the stage's rows (written by its gathering warp)
-    uint64_t full[kStages];   // mbarrier: stage gathered (32 arrivals: every lane of the gathering warp,
-                            // each after its own writes, so each write is ordered before the readers' wait)
+    // mbarrier: stage gathered (32 arrivals: every lane of the gathering warp arrives after its
+    // own writes, so each write is ordered before the readers' wait)
+    uint64_t full[kStages];
     uint64_t empty[kStages];  // mbarrier: stage read (256 arrivals: both computing warpgroups)
     uint64_t kv_full;         // mbarrier: K and V landed (TMA transaction bytes)
   };

@@ -157,8 +157,9 @@ struct Config {
     array_aligned<IndexElement, cosize_v<SmemLayoutIK>, 1024> ik;
     array_aligned<IndexElement, kGrad ? 2 * cosize_v<SmemLayoutDUt> : 8, 1024> du;  // one du per warpgroup
     RowInfo info[kStages][kRows];  // the stage's rows (written by its gathering warp)
-    uint64_t full[kStages];   // mbarrier: stage gathered (32 arrivals: every lane of the gathering warp,
-                            // each after its own writes, so each write is ordered before the readers' wait)
+    // mbarrier: stage gathered (32 arrivals: every lane of the gathering warp arrives after its
+    // own writes, so each write is ordered before the readers' wait)
+    uint64_t full[kStages];
     uint64_t empty[kStages];  // mbarrier: stage read (256 arrivals: both computing warpgroups)
     uint64_t tile_full;       // mbarrier: K and index keys landed (TMA transaction bytes)
   };
