@@ -153,8 +153,6 @@ class ConformanceSuite:
     fixed_block: int = 16
     fixed_dtype: str = "float32"
     fixed_dim: int | None = None
-    # What an implementation does not serve is checked to be refused with a reason.
-    serves_index_kl_loss: bool = True
 
     def _dims(self, d: int, di: int) -> tuple[int, int]:
         return (d, di) if self.fixed_dim is None else (self.fixed_dim, self.fixed_dim)
@@ -288,12 +286,6 @@ class ConformanceSuite:
         case = self.CASES[5 % len(self.CASES)]
         xs, _ = make_inputs(rng, case)
         kw = position_kwargs(case)
-        if not self.serves_index_kl_loss:
-            with pytest.raises(NotImplementedError, match=f"{self.implementation}: .*index_kl_loss"):
-                msa_jax.index_kl_loss(xs["q"], xs["k"], xs["index_q"], xs["index_k"],
-                                      np.zeros((case.B, case.T, case.Hkv, case.top_k), np.int32),
-                                      block_size=case.block_size, implementation=self.implementation, **kw)
-            return
         for mode in ("sparse", "dense"):
             res = msa_jax.sparse_attention(
                 *xs.values(), top_k=case.top_k, block_size=case.block_size, mode=mode,
