@@ -229,18 +229,17 @@ def _needed_blocks(selections, chunk: int, block_size: int, kv_len: int):
     starts at doc + id * block_size (doc 0 without packed documents), so it covers one or,
     when its document starts inside a block, two natural blocks."""
     num_blocks = kv_len // block_size
-    needed = None
+    b, _, h, _ = selections[0][0].shape
+    rows = jnp.arange(b)[:, None, None, None]
+    heads = jnp.arange(h)[None, None, :, None]
+    needed = jnp.zeros((b, h, num_blocks), bool)
     for bi, p in selections:
-        b, _, h, _ = bi.shape
         _, doc, valid = pos_lib.query_coords(p, chunk)
         ok = (bi >= 0) & (bi < num_blocks) & valid[:, :, None, None]
         first = doc[:, :, None, None] + jnp.where(ok, bi, 0) * block_size
-        rows = jnp.arange(b)[:, None, None, None]
-        heads = jnp.arange(h)[None, None, :, None]
-        for key in (first, first + block_size - 1):
+        for key in (first, first + block_size - 1):  # the natural blocks of its first and last key
             blk = jnp.where(ok, jnp.minimum(key // block_size, num_blocks - 1), num_blocks)  # num_blocks: dropped
-            zeros = jnp.zeros((b, h, num_blocks), bool) if needed is None else needed
-            needed = zeros.at[rows, heads, blk].set(True, mode="drop")
+            needed = needed.at[rows, heads, blk].set(True, mode="drop")
     return needed
 
 
@@ -279,7 +278,7 @@ def fetch_selected_kv(k, v, needed, *, axis: str, num_shards: int, block_size: i
     owners_blocks = jnp.stack([_device_blocks(o, n, m // 2) for o in range(n)])  # [n, m]
     # What I want from each owner, in the order the owner will pick it.
     my_want = jnp.take_along_axis(needed[None], owners_blocks[:, None, None, :], axis=-1)  # [n, b, h, m]
-    my_slots, my_count = _first_wanted(my_want, capacity)
+    my_count = jnp.sum(my_want, axis=-1, dtype=jnp.int32)
     overflow = jax.lax.psum(jnp.any(my_count > capacity).astype(jnp.int32), axis)
 
     def gather_all(k, v):
@@ -296,6 +295,7 @@ def fetch_selected_kv(k, v, needed, *, axis: str, num_shards: int, block_size: i
         send = jnp.take_along_axis(blocks[None], slots[..., None, None, None], axis=3)  # [n, b, h, C, bk, 2, D]
         recv = jax.lax.all_to_all(send, axis, 0, 0)  # [owner, b, h, C, bk, 2, D]
         # Receiver side: owner o's slot s holds natural block owners_blocks[o, my_slots[o, ..., s]].
+        my_slots, _ = _first_wanted(my_want, capacity)
         ids = jnp.take_along_axis(owners_blocks[:, None, None, :], my_slots, axis=-1)  # [n, b, h, C]
         ids = jnp.where(jnp.arange(capacity) < my_count[..., None], ids, num_blocks)  # unused slots: dropped
         rows = jnp.arange(b)[None, :, None, None]
