@@ -238,7 +238,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   } else {
     cutlass::arch::warpgroup_reg_alloc<kComputeRegisters>();
-    const int half = warp_group - 1;  // this warpgroup's keys: tile + 64 * half + [0, 64)
+    // This warpgroup's keys: tile + 64 * half + [0, 64). Broadcast from lane 0 so that ptxas
+    // sees a warp-uniform value: with `warp_group - 1` it took the dQ branch below for a
+    // divergent path and serialised every wgmma of the kernel (warning C7520).
+    const int half = __shfl_sync(0xffffffff, warp_group, 0) - 1;
     const int thread = threadIdx.x % 128;
     const int key0 = tile + kHalf * half;
     typename Cfg::MmaS mma_s;
@@ -370,6 +373,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         cute::gemm(mma_kv, tKVrDSt(_, _, kb), tKVrQt(_, _, kb, s), acc_dk);
       }
       if (half == 0) {  // the rows' dQ share over the whole tile
+        warpgroup_arrive();  // acc_dq is first written here (ptxas would insert this fence itself)
         mma_dq.accumulate_ = GMMA::ScaleOut::Zero;
         CUTE_UNROLL
         for (int h = 0; h < 2; ++h) {

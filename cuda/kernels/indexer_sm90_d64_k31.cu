@@ -1,7 +1,0 @@
-// One instantiation of the SM90 indexer (Di = 64, up to top_k = 32): one file each, so
-// the build compiles them in parallel.
-#include "indexer_sm90.cuh"
-
-namespace msa::indexer_sm90 {
-template cudaError_t launch<64, 31>(const IndexerParams&, cudaStream_t);
-}  // namespace msa::indexer_sm90
