@@ -34,8 +34,9 @@ _STEP_ROWS = 64  # matrix rows per step of the attention kernel (query tokens x 
 # Steps per work item: one K/V tile load serves up to 64 x 64 rows. 64 ran the kernel 4% faster
 # than 32 at 32K and 128K (config A, H200; benchmarks/results/logs/h200-20261202-breakdown.log).
 _ITEM_STEPS = 64
-# The KL kernel reduces a token's G rows within one warp (cuda/kernels/kl_sm90.cuh, kMaxGroup);
-# for larger G the KL passes are Pallas's (the rest of the op stays CUDA).
+# The KL kernel reduces a token's G rows within one warp (cuda/kernels/kl_sm90.cuh, kMaxGroup)
+# and reads the index heads in q's dtype; for larger G, or index heads in another dtype, the KL
+# passes are Pallas's (the rest of the op stays CUDA).
 _KL_MAX_GROUP = 16
 
 
@@ -63,8 +64,8 @@ class CudaImplementation(Implementation):
         if call.config.block_size != _BLOCK_SIZE:
             return f"block_size={call.config.block_size} (the kernels are built for {_BLOCK_SIZE})"
         if call.op != "block_sparse_attention":
-            if call.index_dtype != "bfloat16":
-                return f"index dtype {call.index_dtype} (bfloat16 only)"
+            if call.index_dtype not in _DTYPES:
+                return f"index dtype {call.index_dtype} not in {_DTYPES}"
             if call.index_head_dim not in _INDEX_HEAD_DIMS:
                 return f"index head dim Di={call.index_head_dim} not in {_INDEX_HEAD_DIMS}"
         if call.op in ("select_blocks", "sparse_attention") and call.config.top_k > _MAX_TOP_K:
@@ -107,7 +108,7 @@ class CudaImplementation(Implementation):
                          block_size=cfg.block_size, deterministic=cfg.deterministic)
 
     def kl_fwd(self, q, k, index_q, index_k, block_indices, lse, positions, cfg):
-        if _kl_needs_pallas(q, k):
+        if _kl_needs_pallas(q, k, index_q):
             return dispatch.implementation("pallas").kl_fwd(q, k, index_q, index_k, block_indices, lse, positions, cfg)
         ffi.register_targets()
         if cfg.dense:
@@ -116,7 +117,7 @@ class CudaImplementation(Implementation):
         return value, ilse  # the student's lse: the gradient pass needs it
 
     def kl_bwd(self, q, k, index_q, index_k, block_indices, lse, positions, cfg, dkl, saved):
-        if _kl_needs_pallas(q, k):
+        if _kl_needs_pallas(q, k, index_q):
             return dispatch.implementation("pallas").kl_bwd(q, k, index_q, index_k, block_indices, lse, positions, cfg,
                                                             dkl, saved)
         ffi.register_targets()
@@ -126,9 +127,10 @@ class CudaImplementation(Implementation):
         return (d_iq * dkl).astype(index_q.dtype), (d_ik * dkl).astype(index_k.dtype)
 
 
-def _kl_needs_pallas(q, k) -> bool:
-    """Whether G = Hq / Hkv is past what the KL kernel serves (the other kernels serve it)."""
-    return q.shape[2] // k.shape[2] > _KL_MAX_GROUP
+def _kl_needs_pallas(q, k, index_q) -> bool:
+    """Whether the KL kernel cannot serve a call the other kernels serve: G = Hq / Hkv past its
+    limit, or index heads in a dtype other than q's (the kernel has one element type)."""
+    return q.shape[2] // k.shape[2] > _KL_MAX_GROUP or index_q.dtype != q.dtype
 
 
 def item_rows(group: int, item_steps: int = _ITEM_STEPS) -> int:

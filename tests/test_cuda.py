@@ -95,7 +95,8 @@ def test_unsupported_shapes_have_reasons(monkeypatch):
     monkeypatch.setattr(cuda_impl, "_device_reason", lambda: None)
     gpu_call = dict(platform="gpu")
     assert impl.supports(_call(**gpu_call)) is None
-    assert "bfloat16 only" in impl.supports(_call(index_dtype="float16", **gpu_call))
+    assert impl.supports(_call(index_dtype="float16", **gpu_call)) is None
+    assert "index dtype float32" in impl.supports(_call(index_dtype="float32", **gpu_call))
     assert "Di=96" in impl.supports(_call(index_head_dim=96, **gpu_call))
     assert "block_size=64" in impl.supports(_call(config=dict(block_size=64), **gpu_call))
     assert "top_k=33" in impl.supports(_call(config=dict(top_k=33), **gpu_call))
@@ -132,9 +133,9 @@ def _case_id(c):
     return "B{}T{}S{}Hkv{}Di{}K{}".format(*c[:6]) + ("-ragged" if c[6] is not None else "")
 
 
-def _inputs(rng, B, T, S, Hkv, Di):
-    index_q = jnp.asarray(rng.standard_normal((B, T, Hkv, Di), np.float32), jnp.bfloat16)
-    index_k = jnp.asarray(rng.standard_normal((B, S, Di), np.float32), jnp.bfloat16)
+def _inputs(rng, B, T, S, Hkv, Di, dtype=jnp.bfloat16):
+    index_q = jnp.asarray(rng.standard_normal((B, T, Hkv, Di), np.float32), dtype)
+    index_k = jnp.asarray(rng.standard_normal((B, S, Di), np.float32), dtype)
     return index_q, index_k
 
 
@@ -142,8 +143,24 @@ def _inputs(rng, B, T, S, Hkv, Di):
 @requires_gpu
 @pytest.mark.parametrize("case", SELECT_CASES, ids=_case_id)
 def test_select_blocks_matches_reference(rng, case):
+    _check_select_blocks(rng, case, jnp.bfloat16)
+
+
+# fp16 index heads: every (Di, top_k <= 16 or <= 32) instantiation, ragged rows, decode.
+FP16_SELECT_CASES = (SELECT_CASES[0], SELECT_CASES[4], SELECT_CASES[5], SELECT_CASES[7],
+                     (1, 4096, 4096, 2, 128, 32, None, None))
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("case", FP16_SELECT_CASES, ids=_case_id)
+def test_select_blocks_fp16_index_heads(rng, case):
+    _check_select_blocks(rng, case, jnp.float16)
+
+
+def _check_select_blocks(rng, case, dtype):
     B, T, S, Hkv, Di, K, q_offset, kv_length = case
-    index_q, index_k = _inputs(rng, B, T, S, Hkv, Di)
+    index_q, index_k = _inputs(rng, B, T, S, Hkv, Di, dtype)
     kw = dict(top_k=K, block_size=128)
     if q_offset is not None:
         kw["q_offset"] = np.asarray(q_offset, np.int32)
@@ -312,8 +329,8 @@ def test_attention_grads_and_sparse_attention_end_to_end(rng):
 
 # ---- the conformance suite ---------------------------------------------------------------
 
-# What cuda serves: block 128 and bf16 inputs (the indexer reads bf16 index heads; fp16
-# attention is covered above). Chunked prefill with ragged rows and padding at both ends, G 16
+# What cuda serves, at block 128 in bf16 (fp16 attention, index heads and KL are covered
+# above and in test_cuda_kl.py). Chunked prefill with ragged rows and padding at both ends, G 16
 # with Di 64, G 3 and 7 with D 64, decode with a padding row, G 1.
 CUDA_CASES = (
     Case(2, 300, 700, 8, 2, 128, 128, 128, 4, "bfloat16", q_offset=(400, -50), kv_length=(700, 200)),

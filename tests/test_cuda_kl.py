@@ -51,13 +51,14 @@ def _case_id(c):
     return "B{}T{}S{}Hq{}Hkv{}D{}Di{}-{}".format(*c[:8]) + ("-ragged" if c[8] is not None or c[9] is not None else "")
 
 
-def _inputs(rng, case, top_k=16):
+def _inputs(rng, case, top_k=16, index_dtype=None):
     B, T, S, Hq, Hkv, D, Di, dtype, q_offset, kv_length = case
     dt = jnp.dtype(dtype)
     normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32), dt)
     q, k = normal(B, T, Hq, D), normal(B, S, Hkv, D)
-    index_q = jnp.asarray(rng.standard_normal((B, T, Hkv, Di), np.float32), jnp.bfloat16)
-    index_k = jnp.asarray(rng.standard_normal((B, S, Di), np.float32), jnp.bfloat16)
+    index_dt = dt if index_dtype is None else jnp.dtype(index_dtype)  # the KL kernel reads q's dtype
+    index_q = jnp.asarray(rng.standard_normal((B, T, Hkv, Di), np.float32), index_dt)
+    index_k = jnp.asarray(rng.standard_normal((B, S, Di), np.float32), index_dt)
     kw = dict(block_size=128)
     if q_offset is not None:
         kw["q_offset"] = np.asarray(q_offset, np.int32)
@@ -98,6 +99,19 @@ def test_kl_matches_reference(rng, case, deterministic):
     got = _value_and_grads("cuda", q, k, index_q, index_k, bi, kw, deterministic=deterministic)
     assert got[1][0].dtype == index_q.dtype and got[1][1].dtype == index_k.dtype
     _check(got, _reference(q, k, index_q, index_k, bi, kw))
+
+
+def test_index_heads_in_another_dtype_take_pallas_kl(rng):
+    """fp16 q with bf16 index heads: the KL kernel has one element type, so Pallas's KL runs
+    beside the CUDA indexer and attention, and the result still matches the reference."""
+    case = (1, 2048, 2048, 8, 2, 128, 128, "float16", None, None)
+    q, k, index_q, index_k, bi, kw = _inputs(rng, case, index_dtype="bfloat16")
+    got = _value_and_grads("cuda", q, k, index_q, index_k, bi, kw)
+    assert got[1][0].dtype == jnp.bfloat16 and got[1][1].dtype == jnp.bfloat16
+    _check(got, _reference(q, k, index_q, index_k, bi, kw))
+    loss = lambda iq, ik: msa_jax.index_kl_loss(q, k, iq, ik, bi, implementation="cuda", **kw)
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(index_q, index_k).compile().as_text()
+    assert "msa_kl_partials" not in text and "msa_kl_bwd" not in text
 
 
 def test_dense_mode(rng):

@@ -41,7 +41,7 @@ ffi::Error SparseAttentionBwd(cudaStream_t stream,
                               int32_t q_base, int32_t top_k, int32_t block_size, float softmax_scale,
                               bool deterministic) {
   const ffi::DataType dtype = q.element_type();
-  if ((dtype != ffi::DataType::BF16 && dtype != ffi::DataType::F16) || k.element_type() != dtype ||
+  if (!is_half_precision(dtype) || k.element_type() != dtype ||
       v.element_type() != dtype || dout.element_type() != dtype) {
     return Invalid("q, k, v and dout must share one dtype, bfloat16 or float16");
   }

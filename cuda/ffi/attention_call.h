@@ -85,11 +85,6 @@ inline xla::ffi::Error CheckAttentionCall(
   return xla::ffi::Error::Success();
 }
 
-// The kernels' element type of q / k / v (the handlers accept bf16 and fp16 only).
-inline ElementType ElementTypeOf(xla::ffi::DataType dtype) {
-  return dtype == xla::ffi::DataType::BF16 ? ElementType::kBFloat16 : ElementType::kFloat16;
-}
-
 // Zeroes a float32 output the kernel adds into (or writes only in part), on the call's stream.
 inline xla::ffi::Error ZeroOutput(const char* op, xla::ffi::Result<xla::ffi::Buffer<xla::ffi::F32>>& out,
                                   cudaStream_t stream) {

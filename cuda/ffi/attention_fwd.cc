@@ -36,7 +36,7 @@ ffi::Error SparseAttentionPartials(cudaStream_t stream,
                                    ffi::Result<ffi::Buffer<ffi::F32>> lse_partial,   // [B, R]
                                    int32_t q_base, int32_t top_k, int32_t block_size, float softmax_scale) {
   const ffi::DataType dtype = q.element_type();
-  if ((dtype != ffi::DataType::BF16 && dtype != ffi::DataType::F16) || k.element_type() != dtype ||
+  if (!is_half_precision(dtype) || k.element_type() != dtype ||
       v.element_type() != dtype || out_partial->element_type() != dtype) {
     return Invalid("q, k, v and out_partial must share one dtype, bfloat16 or float16");
   }

@@ -8,6 +8,7 @@
 #include <initializer_list>
 #include <string>
 
+#include "msa/launch.h"
 #include "xla/ffi/api/ffi.h"
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(MsaSelectBlocks);
@@ -17,6 +18,14 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(MsaKLPartials);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(MsaKLBwd);
 
 namespace msa {
+
+// Whether a buffer's dtype is one the kernels take (bfloat16 or float16), and which.
+inline bool is_half_precision(xla::ffi::DataType dtype) {
+  return dtype == xla::ffi::DataType::BF16 || dtype == xla::ffi::DataType::F16;
+}
+inline ElementType ElementTypeOf(xla::ffi::DataType dtype) {
+  return dtype == xla::ffi::DataType::BF16 ? ElementType::kBFloat16 : ElementType::kFloat16;
+}
 
 // True iff a buffer's dimensions are exactly `want`.
 inline bool has_dims(const xla::ffi::Span<const int64_t>& d, std::initializer_list<int64_t> want) {

@@ -39,11 +39,11 @@ ffi::Error CheckInputs(const char* op, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::
                        ElementType& element) {
   auto invalid = [op](const std::string& what) { return ffi::Error::InvalidArgument(std::string(op) + ": " + what); };
   const ffi::DataType dtype = q.element_type();
-  if ((dtype != ffi::DataType::BF16 && dtype != ffi::DataType::F16) || k.element_type() != dtype) {
+  if (!is_half_precision(dtype) || k.element_type() != dtype) {
     return invalid("q and k must share one dtype, bfloat16 or float16");
   }
-  if (index_q.element_type() != ffi::DataType::BF16 || index_k.element_type() != ffi::DataType::BF16) {
-    return invalid("index_q and index_k must be bfloat16");
+  if (index_q.element_type() != dtype || index_k.element_type() != dtype) {
+    return invalid("index_q and index_k must have q's dtype");
   }
   // k stands in for v: the KL reads no values, and the shared check wants k and v alike.
   if (ffi::Error err = CheckAttentionCall(op, SupportsMain, q, k, k, last_visible, entry_query, entry_slot, item_start,

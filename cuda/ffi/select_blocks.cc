@@ -17,8 +17,8 @@ namespace msa {
 namespace {
 
 ffi::Error SelectBlocks(cudaStream_t stream,
-                        ffi::AnyBuffer index_q,                          // [B, T, Hkv, Di] bf16
-                        ffi::AnyBuffer index_k,                          // [B, S, Di] bf16
+                        ffi::AnyBuffer index_q,                          // [B, T, Hkv, Di] bf16 / fp16
+                        ffi::AnyBuffer index_k,                          // [B, S, Di], index_q's dtype
                         ffi::Buffer<ffi::S32> q_offset,                  // [B]
                         ffi::Buffer<ffi::S32> kv_length,                 // [B]
                         ffi::Buffer<ffi::S32> doc,                       // [B, T]
@@ -28,8 +28,10 @@ ffi::Error SelectBlocks(cudaStream_t stream,
   const auto qd = index_q.dimensions();
   const auto kd = index_k.dimensions();
   const auto od = block_indices->dimensions();
-  if (index_q.element_type() != ffi::DataType::BF16 || index_k.element_type() != ffi::DataType::BF16) {
-    return ffi::Error::InvalidArgument(std::string(kOp) + ": index_q and index_k must be bfloat16");
+  const ffi::DataType dtype = index_q.element_type();
+  if (!is_half_precision(dtype) || index_k.element_type() != dtype) {
+    return ffi::Error::InvalidArgument(std::string(kOp) +
+                                       ": index_q and index_k must share one dtype, bfloat16 or float16");
   }
   if (qd.size() != 4) {
     return ffi::Error::InvalidArgument(std::string(kOp) + ": index_q must be [B, T, Hkv, Di], got rank " +
@@ -80,7 +82,7 @@ ffi::Error SelectBlocks(cudaStream_t stream,
   params.block_size = block_size;
   params.top_k = top_k;
   params.index_softmax_scale = index_softmax_scale;
-  return launch_error(kOp, launch_indexer_sm90(params, stream));
+  return launch_error(kOp, launch_indexer_sm90(params, ElementTypeOf(dtype), stream));
 }
 
 }  // namespace

@@ -53,19 +53,20 @@ constexpr int kComputeRegisters = 232;
 // Ring depth: about 128 KB of key tiles in flight (32 KB per stage at Di = 128).
 constexpr int stages_for(int index_head_dim) { return index_head_dim == 128 ? 4 : 8; }
 
-template <int kDi_, int kKeep_>
+template <int kDi_, int kKeep_, class Element_>
 struct Config {
   static constexpr int kDi = kDi_;
   static constexpr int kKeep = kKeep_;  // running entries per row, >= top_k - 1 (odd: see SharedStorage)
   static constexpr int kStages = stages_for(kDi);
-  using Element = cutlass::bfloat16_t;
+  using Element = Element_;  // of index_q and index_k: bfloat16 or float16 (fp32 accumulation)
   using SmemLayoutQ =
       decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{}, Shape<Int<kRows>, Int<kDi>>{}));
   using SmemLayoutK = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
                                              Shape<Int<kBlock>, Int<kDi>, Int<kStages>>{}));
   // Two warpgroups along M; each issues its own 64 x 128 x 16 wgmmas.
   using TiledMma = decltype(make_tiled_mma(
-      SM90_64x128x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>{},
+      GMMA::ss_op_selector<Element, Element, float, Shape<Int<kRowsPerWarpGroup>, Int<kBlock>, Int<kDi>>,
+                           GMMA::Major::K, GMMA::Major::K>(),
       Layout<Shape<Int<kComputeWarpGroups>, _1, _1>>{}));
   using Pipeline = cutlass::PipelineTmaAsync<kStages>;
   static constexpr uint32_t kQBytes = kRows * kDi * sizeof(Element);
@@ -452,9 +453,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-template <int kDi, int kKeep>
+template <int kDi, int kKeep, class Element>
 cudaError_t launch(const IndexerParams& p, cudaStream_t stream) {
-  using Cfg = Config<kDi, kKeep>;
+  using Cfg = Config<kDi, kKeep, Element>;
   // TMA needs 16-byte aligned bases (the row strides, multiples of Di * 2 bytes, always are);
   // a descriptor that fails to encode would make the kernel read garbage, so refuse here.
   if (!sm90::aligned16(p.index_q) || !sm90::aligned16(p.index_k) || p.doc == nullptr || p.index_head_dim != kDi ||

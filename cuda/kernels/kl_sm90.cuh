@@ -21,7 +21,7 @@
 // a reduce-scatter over those lanes (`reduce_scatter`) sums the token's P over its heads and
 // its u (the lead row's, the others are zero) and leaves each lane a few of the token's keys.
 // There P̄ = sum / G, and the value partials (reduced over the token's lanes) or du = R - P̄
-// follow. du goes to shared memory as bf16 at the token's lead row, where both
+// follow. du goes to shared memory in the index dtype at the token's lead row, where both
 // d index_q = du Ki and d index_k = duᵀ IQ read it. The value pass needs no shared memory
 // besides its operands and no barrier besides the stage's.
 // Roles as in the backward (attention_bwd_sm90.cuh): warpgroup 0 gathers q and index_q rows by
@@ -66,8 +66,6 @@ __host__ __device__ constexpr int row_slots(int group) {
   return slots;
 }
 
-using IndexElement = cutlass::bfloat16_t;
-
 // Row r of step c when a token takes `slots` rows: the token's (query, slot) entry and the
 // row's head. Padding rows (r % slots >= G) carry their token's entry too; they hold no head.
 template <class Params>
@@ -105,6 +103,7 @@ struct Config {
   static constexpr int kDi = kDi_;
   static constexpr bool kGrad = kGrad_;
   using Element = Element_;
+  using IndexElement = Element_;  // index_q and index_k have q's dtype
   static constexpr int kChunks = kD * sizeof(Element) / 16;        // 16-byte pieces of a q row
   static constexpr int kIChunks = kDi * sizeof(IndexElement) / 16;  // ... of an index_q row
   using SmemLayoutQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
@@ -251,6 +250,7 @@ template <class Cfg>
 __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__ KernelArgs<Cfg> args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Element = typename Cfg::Element;
+  using IndexElement = typename Cfg::IndexElement;
   constexpr int kD = Cfg::kD;
   constexpr int kDi = Cfg::kDi;
   extern __shared__ __align__(1024) char smem_raw[];
@@ -377,7 +377,7 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
   Tensor coord_s = thr_s.partition_C(make_identity_tensor(Shape<Int<kRows>, Int<kHalf>>{}));
   Tensor cs = make_tensor(coord_s.data(), sm90::acc_rows_by_cols(coord_s.layout()));  // (2, 16)
 
-  // Gradient pass only: du (bf16, non-zero at lead rows only) and its two products.
+  // Gradient pass only: du (in the index dtype, non-zero at lead rows only) and its two products.
   typename Cfg::MmaDIQ mma_diq;
   typename Cfg::MmaDIK mma_dik;
   auto thr_diq = mma_diq.get_thread_slice(thread);

@@ -9,13 +9,14 @@
 
 namespace msa {
 
-// Which (Di, top_k) the SM90 indexer is compiled for; the FFI handler and Python's
-// `supports` ask the same question (see indexer_sm90.cuh).
+enum class ElementType { kBFloat16, kFloat16 };
+
+// Which (Di, top_k) the SM90 indexer is compiled for, index heads bfloat16 or float16; the FFI
+// handler and Python's `supports` ask the same question (see indexer_sm90.cuh).
 bool indexer_sm90_supports(int index_head_dim, int block_size, int top_k);
-cudaError_t launch_indexer_sm90(const IndexerParams& params, cudaStream_t stream);
+cudaError_t launch_indexer_sm90(const IndexerParams& params, ElementType dtype, cudaStream_t stream);
 
 // Which (D, dtype) the SM90 KV-outer attention forward is compiled for (attention_fwd_sm90.cuh).
-enum class ElementType { kBFloat16, kFloat16 };
 bool attention_fwd_sm90_supports(int head_dim, int block_size, int group);
 cudaError_t launch_attention_fwd_sm90(const AttentionFwdParams& params, ElementType dtype, cudaStream_t stream);
 
@@ -23,7 +24,8 @@ cudaError_t launch_attention_fwd_sm90(const AttentionFwdParams& params, ElementT
 bool attention_bwd_sm90_supports(int head_dim, int block_size, int group);
 cudaError_t launch_attention_bwd_sm90(const AttentionBwdParams& params, ElementType dtype, cudaStream_t stream);
 
-// Which (D, Di, G) the SM90 KL passes are compiled for (kl_sm90.cuh); index tensors are bf16.
+// Which (D, Di, G) the SM90 KL passes are compiled for (kl_sm90.cuh); the index tensors share
+// q's dtype.
 bool kl_sm90_supports(int head_dim, int index_head_dim, int block_size, int group);
 cudaError_t launch_kl_sm90(const KLParams& params, ElementType dtype, cudaStream_t stream);
 
