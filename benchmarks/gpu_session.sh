@@ -34,6 +34,7 @@
 #                  dense cuDNN attention, one metrics JSON each (tokens/s per mode, first step excluded)
 #   bench-1m       config A at 1M tokens, cuda: indexer, sparse forward, MSA forward (with XLA's
 #                  memory plan of each) against one cuDNN dense forward
+#   bench-1m-train config A at 1M tokens, cuda: msa_fwd_bwd_kl alone (with XLA's memory plan; no dense baseline)
 #   bench-cp       bench_cp.py: config A at CP_N tokens (default 1M) split over every GPU of the machine
 #                  (forward and training step), against one GPU where it fits, and the split ops again
 #                  fetching only the selected K/V blocks (CP_FETCH: capacities, default "128 256");
@@ -178,6 +179,9 @@ for step in "$@"; do
     bench-1m)
       run bench-1m python3 benchmarks/bench.py --config A --impl cuda --ops indexer sparse_fwd msa_fwd \
         --n 1048576 --baselines dense_fwd --repeats 1 --warmup 0 --time-limit 45 --out "$OUT" ;;
+    bench-1m-train)
+      run bench-1m-train python3 benchmarks/bench.py --config A --impl cuda --ops msa_fwd_bwd_kl \
+        --n 1048576 --baselines --repeats 1 --warmup 0 --time-limit 60 --out "$OUT" ;;
     bench-A|bench-B)
       # shellcheck disable=SC2086 (BENCH_IMPLS is a list)
       # BENCH_OPS="indexer sparse_fwd msa_fwd" times the forward ops alone, against the dense forward.
