@@ -17,6 +17,10 @@ def rng(request):
 
 def pytest_generate_tests(metafunc):
     """Conformance tests take their cases from the implementation's class (conformance.py)."""
-    for name, attr in (("case", "CASES"), ("grad_case", "GRAD_CASES"), ("paged_case", "PAGED_CASES")):
+    for name, attr in (("case", "CASES"), ("grad_case", "GRAD_CASES"), ("dense_case", "DENSE_CASES"),
+                       ("paged_case", "PAGED_CASES")):
         if name in metafunc.fixturenames and metafunc.cls is not None and hasattr(metafunc.cls, attr):
-            metafunc.parametrize(name, getattr(metafunc.cls, attr), ids=str)
+            cases = getattr(metafunc.cls, attr)
+            if cases is None and attr == "DENSE_CASES":
+                cases = metafunc.cls.CASES
+            metafunc.parametrize(name, cases, ids=str)
