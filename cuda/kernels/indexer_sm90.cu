@@ -9,7 +9,7 @@
 
 namespace msa {
 namespace indexer_sm90 {
-#define MSA_INDEXER_EXTERN(DI, KEEP)                                                         \
+#define MSA_INDEXER_EXTERN(DI, KEEP)                                                                     \
   extern template cudaError_t launch<DI, KEEP, cutlass::bfloat16_t>(const IndexerParams&, cudaStream_t); \
   extern template cudaError_t launch<DI, KEEP, cutlass::half_t>(const IndexerParams&, cudaStream_t);
 MSA_INDEXER_EXTERN(64, 15)
