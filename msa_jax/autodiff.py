@@ -49,7 +49,7 @@ attention.defvjp(_attention_fwd, _attention_bwd)
 def kl_sum(impl, cfg: MSAConfig, q, k, index_q, index_k, block_indices, lse, q_offset, kv_length, segment_ids):
     """float32 scalar sum over valid (query, group) rows of KL(P || R); grads reach index_* only."""
     pos = Positions(q_offset, kv_length, segment_ids)
-    return impl.kl_fwd(q, k, index_q, index_k, block_indices, lse, pos, cfg)[0]
+    return impl.kl_value(q, k, index_q, index_k, block_indices, lse, pos, cfg)
 
 
 def _kl_fwd(impl, cfg, q, k, index_q, index_k, block_indices, lse, q_offset, kv_length, segment_ids):

@@ -51,7 +51,11 @@ def _device_reason() -> str | None:
 
 class CudaImplementation(Implementation):
     name = "cuda"
-    kl_saved_layouts = ("BTH",)  # kl_fwd saves the student's lse, [B, T, Hkv]
+
+    def kl_saved_layouts(self, q, k, index_q):
+        if _kl_needs_pallas(q, k, index_q):
+            return dispatch.implementation("pallas").kl_saved_layouts(q, k, index_q)
+        return ("BTH",)  # kl_fwd saves the student's lse, [B, T, Hkv]
 
     def supports(self, call: CallInfo) -> str | None:
         if call.op not in SERVED_OPS:
@@ -106,6 +110,12 @@ class CudaImplementation(Implementation):
             block_indices = dense_indices(block_indices, k.shape[1], cfg.block_size)
         return _backward(q, k, v, block_indices, positions, out, lse, dout, dlse, scale=cfg.scale(q.shape[-1]),
                          block_size=cfg.block_size, deterministic=cfg.deterministic)
+
+    def kl_value(self, q, k, index_q, index_k, block_indices, lse, positions, cfg):
+        if _kl_needs_pallas(q, k, index_q):
+            return dispatch.implementation("pallas").kl_value(q, k, index_q, index_k, block_indices, lse, positions,
+                                                              cfg)
+        return self.kl_fwd(q, k, index_q, index_k, block_indices, lse, positions, cfg)[0]
 
     def kl_fwd(self, q, k, index_q, index_k, block_indices, lse, positions, cfg):
         if _kl_needs_pallas(q, k, index_q):

@@ -29,9 +29,12 @@ class Implementation:
     """
 
     name: str = ""
-    # One layout string per leaf of kl_fwd's `saved` (letters as in `shard_local`), so
-    # automatic sharding (partitioning.py) can split it like the other arrays.
-    kl_saved_layouts: tuple[str, ...] = ()
+
+    def kl_saved_layouts(self, q, k, index_q) -> tuple[str, ...]:
+        """One layout string per leaf of kl_fwd's `saved` for these inputs (letters as in
+        `partitioning.shard_local_call`), so automatic sharding can split it like the other
+        arrays. Default: kl_fwd saves nothing."""
+        return ()
 
     def supports(self, call: CallInfo) -> str | None:
         """None if this implementation serves `call`, else a one-line reason."""
@@ -53,10 +56,17 @@ class Implementation:
         """(dq, dk, dv) in the dtypes of q, k, v."""
         raise NotImplementedError
 
+    def kl_value(self, q, k, index_q, index_k, block_indices, lse, positions, cfg):
+        """The float32 scalar sum over valid (query, group) rows of KL(P || R), unnormalised,
+        when nothing differentiates it. Default: kl_fwd's value."""
+        return self.kl_fwd(q, k, index_q, index_k, block_indices, lse, positions, cfg)[0]
+
     def kl_fwd(self, q, k, index_q, index_k, block_indices, lse, positions, cfg):
-        """(value, saved): value the float32 scalar sum over valid (query, group) rows of
-        KL(P || R), unnormalised; saved whatever the implementation's kl_bwd wants kept from
-        this pass (a pytree of arrays, or None)."""
+        """(value, saved) under differentiation: value as kl_value; saved whatever the
+        implementation's kl_bwd wants kept from this pass (a pytree of arrays, or None). An
+        implementation whose gradient pass yields the value too may run it here and save the
+        gradients for dkl = 1: kl_bwd then only scales them, and when the loss does not use
+        the KL, JAX never calls kl_bwd and XLA drops the pass with its unused outputs."""
         raise NotImplementedError
 
     def kl_bwd(self, q, k, index_q, index_k, block_indices, lse, positions, cfg, dkl, saved):

@@ -177,7 +177,7 @@ def shard_local_call(fn: Callable, args: Sequence, layouts: Sequence, out_layout
 class AutoSharded(Implementation):
     """`inner` with its contiguous-cache methods each a `shard_local_call` (module docstring).
 
-    kl_fwd's `saved` arrays are split by `inner.kl_saved_layouts`. The paged ops pass through
+    kl_fwd's `saved` arrays are split by `inner.kl_saved_layouts(...)`. The paged ops pass through
     unwrapped: their caches are laid out by physical page, not by batch row.
     """
 
@@ -215,8 +215,20 @@ class AutoSharded(Implementation):
             (_Q, _KV, _KV, _BI, _Q, _LSE, _Q, _LSE, *_POS), (_Q, _KV, _KV),
         )
 
+    def kl_saved_layouts(self, q, k, index_q):
+        return self.inner.kl_saved_layouts(q, k, index_q)
+
+    def kl_value(self, q, k, index_q, index_k, block_indices, lse, positions, cfg):
+        def f(q, k, iq, ik, bi, lse, *pos):
+            return (self.inner.kl_value(q, k, iq, ik, bi, lse, Positions(*pos), cfg),)
+
+        return shard_local_call(
+            f, (q, k, index_q, index_k, block_indices, lse, *positions), (_Q, _KV, _IQ, _IK, _BI, _LSE, *_POS),
+            ("",), summed={0: "BH"},
+        )[0]
+
     def kl_fwd(self, q, k, index_q, index_k, block_indices, lse, positions, cfg):
-        saved_layouts = self.inner.kl_saved_layouts
+        saved_layouts = self.inner.kl_saved_layouts(q, k, index_q)
         holder = {}
 
         def f(q, k, iq, ik, bi, lse, *pos):
@@ -236,7 +248,7 @@ class AutoSharded(Implementation):
 
     def kl_bwd(self, q, k, index_q, index_k, block_indices, lse, positions, cfg, dkl, saved):
         leaves, tree = jax.tree.flatten(saved)
-        saved_layouts = self.inner.kl_saved_layouts
+        saved_layouts = self.inner.kl_saved_layouts(q, k, index_q)
 
         def f(q, k, iq, ik, bi, lse, dkl, *rest):
             pos, kept = rest[:3], jax.tree.unflatten(tree, rest[3:])

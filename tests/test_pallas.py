@@ -45,6 +45,36 @@ class TestPallasGPU(ConformanceSuite):
     implementation = "pallas"
 
 
+def _pallas_kernels(jaxpr) -> list[str]:
+    """Names of the pallas_call kernels in a jaxpr, nested jaxprs included."""
+    names = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            names.append(eqn.params["name"])
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    names.extend(_pallas_kernels(inner))
+    return names
+
+
+def test_training_step_runs_each_kl_pass_once(rng):
+    """Under differentiation the KL's two passes run once, with the gradient, in the forward
+    rule; kl_bwd only scales what they saved (before, the backward ran both passes again)."""
+    case = Case(1, 64, 64, 4, 2, 16, 16, 16, 2, "float32")
+    xs, _ = make_inputs(rng, case)
+
+    def loss(*a):
+        res = msa_jax.sparse_attention(*a, top_k=case.top_k, block_size=case.block_size, implementation="pallas")
+        return jnp.sum(res.out) + res.kl_loss
+
+    step = jax.value_and_grad(loss, argnums=tuple(range(5)))
+    names = _pallas_kernels(jax.make_jaxpr(step)(*xs.values()).jaxpr)
+    assert names.count("msa_kl_student_lse") == 1 and names.count("msa_kl") == 1, names
+    assert "msa_sparse_attention_fwd" in names and "msa_sparse_attention_bwd" in names, names
+
+
 def test_query_chunks_equal_one_pass(rng, monkeypatch):
     """A partial budget small enough to split the queries into chunks (forward, lse-only,
     backward and KL each chunk the queries) gives what one pass gives, values and grads."""

@@ -81,11 +81,17 @@ class PallasImplementation(Implementation):
         bi = self._indices(block_indices, k, cfg)
         return attention_bwd.attention_bwd(q, k, v, bi, positions, cfg, out, lse, dout, dlse, interpret=self.interpret)
 
+    def kl_saved_layouts(self, q, k, index_q):
+        return ("BTHD", "BSHD")  # kl_fwd saves d index_q [B, T, Hkv, Di], d index_k [B, S, Hkv, Di]
+
+    def kl_value(self, q, k, index_q, index_k, block_indices, lse, positions, cfg):
+        return kl.kl_value(q, k, index_q, index_k, block_indices, lse, positions, cfg, interpret=self.interpret)
+
     def kl_fwd(self, q, k, index_q, index_k, block_indices, lse, positions, cfg):
-        return kl.kl_fwd(q, k, index_q, index_k, block_indices, lse, positions, cfg, interpret=self.interpret), None
+        return kl.kl_fwd(q, k, index_q, index_k, block_indices, lse, positions, cfg, interpret=self.interpret)
 
     def kl_bwd(self, q, k, index_q, index_k, block_indices, lse, positions, cfg, dkl, saved):
-        return kl.kl_bwd(q, k, index_q, index_k, block_indices, lse, positions, cfg, dkl, interpret=self.interpret)
+        return kl.kl_bwd(index_q, index_k, dkl, saved)
 
     # ---- paged caches (inference) -------------------------------------------------------
 

@@ -8,6 +8,9 @@ matmul) and the student R = exp(u - ilse) of the tile; it writes per (query, slo
 partial sums of P log P - P u and of P, and, for the gradient, du = (R - P) * dkl chained
 into a per-slot d index_q partial and the tile's d index_k. KL(P || R) per row is then
 sum(P log P - P u) + ilse * sum(P).
+
+Under differentiation (`kl_fwd`) both passes run once, with the gradient, and save the index
+gradients for dkl = 1; `kl_bwd` scales them. Without (`kl_value`) pass 2 skips the gradient.
 """
 
 from __future__ import annotations
@@ -120,8 +123,8 @@ def _kl_kernel(start_ref, count_ref, tile_ref, eq_ref, es_ref, q_ref, k_ref, lse
 
 def _run(q, k, index_q, index_k, block_indices, lse, positions: Positions, cfg: MSAConfig, with_grad: bool, *,
          interpret: bool):
-    """(kl_sum f32 scalar, d index_q f32, d index_k f32); the gradients are for dkl = 1 and
-    are None unless with_grad."""
+    """(kl_sum f32 scalar, d index_q f32 [B, T, Hkv, Di], d index_k f32 per kv head
+    [B, S, Hkv, Di]); the gradients are for dkl = 1 and are None unless with_grad."""
     B, T, Hq, D = q.shape
     S, Hkv, Di = k.shape[1], k.shape[2], index_k.shape[-1]
     G, K, bk = Hq // Hkv, block_indices.shape[3], cfg.block_size
@@ -205,16 +208,23 @@ def _run(q, k, index_q, index_k, block_indices, lse, positions: Positions, cfg: 
             diqs.append(jnp.sum(jnp.where(ok2[..., None], unflat(diq_part), 0.0), axis=3))
     if not with_grad:
         return kl_total, None, None
-    return kl_total, jnp.concatenate(diqs, axis=1), jnp.sum(dik[:, :S], axis=2)
+    return kl_total, jnp.concatenate(diqs, axis=1), dik[:, :S]
 
 
-def kl_fwd(q, k, index_q, index_k, block_indices, lse, positions: Positions, cfg: MSAConfig, *, interpret: bool):
+def kl_value(q, k, index_q, index_k, block_indices, lse, positions: Positions, cfg: MSAConfig, *, interpret: bool):
     """float32 scalar: sum over valid (query, group) rows of KL(P || R)."""
     return _run(q, k, index_q, index_k, block_indices, lse, positions, cfg, False, interpret=interpret)[0]
 
 
-def kl_bwd(q, k, index_q, index_k, block_indices, lse, positions: Positions, cfg: MSAConfig, dkl, *,
-           interpret: bool):
+def kl_fwd(q, k, index_q, index_k, block_indices, lse, positions: Positions, cfg: MSAConfig, *, interpret: bool):
+    """(value, saved) under differentiation: both passes run once, with the gradient, and
+    `saved` holds the gradients for dkl = 1 (d index_k per kv head, so that a head shard's
+    part stays its own); kl_bwd scales them."""
+    value, diq, dik = _run(q, k, index_q, index_k, block_indices, lse, positions, cfg, True, interpret=interpret)
+    return value, (diq, dik)
+
+
+def kl_bwd(index_q, index_k, dkl, saved):
     """(d index_q, d index_k) for the cotangent dkl of kl_fwd's sum."""
-    _, diq, dik = _run(q, k, index_q, index_k, block_indices, lse, positions, cfg, True, interpret=interpret)
-    return (diq * dkl).astype(index_q.dtype), (dik * dkl).astype(index_k.dtype)
+    diq, dik = saved
+    return (diq * dkl).astype(index_q.dtype), (jnp.sum(dik, axis=2) * dkl).astype(index_k.dtype)
