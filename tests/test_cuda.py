@@ -6,7 +6,8 @@ unsupported shape), and the dispatcher falls through to the next implementation.
 
 On a Hopper GPU (marked `gpu`): the SM90 indexer against the `xla` reference on the same
 bf16 inputs, at T = S up to 64K and chunked prefill (T = 8K against S = 128K), with ragged
-kv_length, padding rows, decode, Di 64/128, top_k 16/32. Rows must equal the reference's
+kv_length, padding rows, decode, Di 64/128, top_k 16/32, and fp16 index heads once per
+(Di, top_k) instantiation. Rows must equal the reference's
 except at near-ties (selection_check: every chosen block scores within 1e-3 of the row's
 top-(K-1) threshold; the spec's layout, order up to near-ties), and at least 99% of rows must be
 identical. Also: the tie rule on constant scores (exact), bitwise repeatability, vmap, and
