@@ -121,6 +121,7 @@ for step in "$@"; do
         python3 -m pip install --no-build-isolation --no-deps -e . ;;
     test-cuda)
       # TEST_K: a pytest -k expression to run fewer (e.g. "attention" after a forward-kernel change).
+      # -k matches substrings of test ids: "float16" also matches "bfloat16"; "-float16" does not.
       run test-cuda python3 -m pytest tests/test_cuda.py tests/test_cuda_bwd.py tests/test_cuda_kl.py tests/test_cuda_packed.py \
         tests/test_ffi_loader.py -m gpu -v \
         --durations=10 --maxfail=${MAXFAIL:-1000} \
