@@ -115,7 +115,7 @@ class CudaImplementation(Implementation):
         if _kl_needs_pallas(q, k, index_q):
             return dispatch.implementation("pallas").kl_value(q, k, index_q, index_k, block_indices, lse, positions,
                                                               cfg)
-        return self.kl_fwd(q, k, index_q, index_k, block_indices, lse, positions, cfg)[0]
+        return super().kl_value(q, k, index_q, index_k, block_indices, lse, positions, cfg)  # kl_fwd's value
 
     def kl_fwd(self, q, k, index_q, index_k, block_indices, lse, positions, cfg):
         if _kl_needs_pallas(q, k, index_q):
