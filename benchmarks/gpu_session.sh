@@ -60,7 +60,8 @@ run() {  # run NAME CMD...: log to $OUT/NAME.log, echo a one-line status
 }
 
 # A small select_blocks call (bf16 and fp16 index heads), a block_sparse_attention on its rows and
-# its gradients (both backward modes), the KL: what the sanitizer tools watch. The platform allocator gives
+# its gradients (both backward modes), the KL (student and gradient passes, then the value pass
+# alone): what the sanitizer tools watch. The platform allocator gives
 # each buffer its own cudaMalloc, so memcheck sees an access one byte past a buffer.
 sanitize_case='
 import numpy as np, jax, jax.numpy as jnp, msa_jax
@@ -89,7 +90,8 @@ for det in (False, True):
         q_offset=np.array([400, -50], np.int32), kv_length=np.array([700, 200], np.int32), deterministic=det,
         implementation="cuda")
     value, (diq, dik) = jax.value_and_grad(kl, argnums=(0, 1))(iq, ik)
-    print("kl", det, float(value), float(jnp.abs(diq.astype(jnp.float32)).sum()), float(jnp.abs(dik.astype(jnp.float32)).sum()))'
+    print("kl", det, float(value), float(kl(iq, ik)), float(jnp.abs(diq.astype(jnp.float32)).sum()),
+          float(jnp.abs(dik.astype(jnp.float32)).sum()))'
 # Packed documents starting inside blocks: every kernel reads tiles from any key. A process of
 # its own: memcheck's one run of both parts crashed (SIGSEGV in the host process, while XLA
 # compiled this part) before printing a summary (benchmarks/NOTES.md).

@@ -2,8 +2,8 @@
 
 CUDA kernels: `select_blocks` (the fused indexer, cuda/kernels/indexer_sm90.cuh), the
 block-sparse attention forward (KV-outer slot partials, cuda/kernels/attention_fwd_sm90.cuh),
-its backward (cuda/kernels/attention_bwd_sm90.cuh) and the KL loss's value and gradient passes
-(cuda/kernels/kl_sm90.cuh), all KV-outer over the work lists of msa_jax/kv_outer, whose jnp
+its backward (cuda/kernels/attention_bwd_sm90.cuh) and the KL loss's value, student and
+gradient passes (cuda/kernels/kl_sm90.cuh), all KV-outer over the work lists of msa_jax/kv_outer, whose jnp
 code (shared with pallas) also merges their slot partials.
 """
 
@@ -55,7 +55,7 @@ class CudaImplementation(Implementation):
     def kl_saved_layouts(self, q, k, index_q):
         if _kl_needs_pallas(q, k, index_q):
             return dispatch.implementation("pallas").kl_saved_layouts(q, k, index_q)
-        return ("BTH",)  # kl_fwd saves the student's lse, [B, T, Hkv]
+        return ("BTHD", "BSHD")  # kl_fwd saves the gradients for dkl = 1, as Pallas's
 
     def supports(self, call: CallInfo) -> str | None:
         if call.op not in SERVED_OPS:
@@ -115,26 +115,28 @@ class CudaImplementation(Implementation):
         if _kl_needs_pallas(q, k, index_q):
             return dispatch.implementation("pallas").kl_value(q, k, index_q, index_k, block_indices, lse, positions,
                                                               cfg)
-        return super().kl_value(q, k, index_q, index_k, block_indices, lse, positions, cfg)  # kl_fwd's value
+        ffi.register_targets()
+        if cfg.dense:
+            block_indices = dense_indices(block_indices, k.shape[1], cfg.block_size)
+        return _kl_partials_pass(q, k, index_q, index_k, block_indices, lse, positions, cfg, student=False)[0]
 
     def kl_fwd(self, q, k, index_q, index_k, block_indices, lse, positions, cfg):
+        """Under differentiation the value pass is not run: the student-only pass gives ilse,
+        then the gradient pass yields the gradients for dkl = 1 and the value's terms."""
         if _kl_needs_pallas(q, k, index_q):
             return dispatch.implementation("pallas").kl_fwd(q, k, index_q, index_k, block_indices, lse, positions, cfg)
         ffi.register_targets()
         if cfg.dense:
             block_indices = dense_indices(block_indices, k.shape[1], cfg.block_size)
-        value, ilse = _kl_value(q, k, index_q, index_k, block_indices, lse, positions, cfg)
-        return value, ilse  # the student's lse: the gradient pass needs it
+        _, ilse = _kl_partials_pass(q, k, index_q, index_k, block_indices, lse, positions, cfg, student=True)
+        value, d_iq, d_ik = _kl_grad(q, k, index_q, index_k, block_indices, lse, ilse, positions, cfg)
+        return value, (d_iq, d_ik)
 
     def kl_bwd(self, q, k, index_q, index_k, block_indices, lse, positions, cfg, dkl, saved):
         if _kl_needs_pallas(q, k, index_q):
             return dispatch.implementation("pallas").kl_bwd(q, k, index_q, index_k, block_indices, lse, positions, cfg,
                                                             dkl, saved)
-        ffi.register_targets()
-        if cfg.dense:
-            block_indices = dense_indices(block_indices, k.shape[1], cfg.block_size)
-        d_iq, d_ik = _kl_grad(q, k, index_q, index_k, block_indices, lse, saved, positions, cfg)
-        return (d_iq * dkl).astype(index_q.dtype), (d_ik * dkl).astype(index_k.dtype)
+        return dispatch.scale_saved_kl_gradients(index_q, index_k, dkl, saved)
 
 
 def _kl_needs_pallas(q, k, index_q) -> bool:
@@ -204,9 +206,10 @@ def _backward(q, k, v, block_indices, positions, out, lse, dout, dlse, *, scale:
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-def _kl_value(q, k, index_q, index_k, block_indices, lse, positions, cfg):
+def _kl_partials_pass(q, k, index_q, index_k, block_indices, lse, positions, cfg, *, student: bool):
     """(sum over valid (query, group) rows of KL(P || R), the student's ilse [B, T, Hkv]
-    (-inf where the support is empty)) from the CUDA value pass, chunk by chunk.
+    (-inf where the support is empty)) from the CUDA value pass, chunk by chunk; with
+    student=True (None, ilse) from the student-only pass (64 tokens a step, no q, no S = Q Kᵀ).
 
     The pass writes per (entry, key half) the partials of u's log-sum-exp and of
     sum P log P - P u and sum P; merged here: ilse by log-sum-exp over the row's slots and
@@ -225,27 +228,30 @@ def _kl_value(q, k, index_q, index_k, block_indices, lse, positions, cfg):
         sl = slice(c0, min(T, c0 + chunk))
         Tc = sl.stop - sl.start
         work = worklist.build(block_indices[:, sl], qpos[:, sl], doc[:, sl], valid[:, sl], kv_len=S,
-                              block_size=cfg.block_size, rows=item_rows(G), packed=packed)
+                              block_size=cfg.block_size, rows=item_rows(1 if student else G), packed=packed)
         part = ops.kl_partials(q, k, lse, index_q, index_k, hi, work, q_base=c0, top_k=K,
                                block_size=cfg.block_size, softmax_scale=cfg.scale(D),
-                               index_softmax_scale=cfg.index_scale(index_q.shape[-1]))
+                               index_softmax_scale=cfg.index_scale(index_q.shape[-1]), student=student)
         part = jnp.moveaxis(part.reshape(B, Tc, K, Hkv, 2, 4), 3, 2).reshape(B, Tc, Hkv, 2 * K, 4)
         ok = jnp.repeat(work.entry_ok, 2, axis=-1)  # [B, Tc, Hkv, 2K]: both halves of a slot
         ilse = kv_partials.merge_lse(part[..., 0], part[..., 1], ok)
+        ilses.append(ilse)
+        if student:
+            continue
         row_ok = jnp.isfinite(ilse)
         kl_rows = (jnp.sum(jnp.where(ok, part[..., 2], 0.0), -1)
                    + jnp.where(row_ok, ilse, 0.0) * jnp.sum(jnp.where(ok, part[..., 3], 0.0), -1))
         total = total + jnp.sum(jnp.where(row_ok, kl_rows, 0.0))
-        ilses.append(ilse)
-    return total, jnp.concatenate(ilses, axis=1)
+    return (None if student else total), jnp.concatenate(ilses, axis=1)
 
 
 def _kl_grad(q, k, index_q, index_k, block_indices, lse, ilse, positions, cfg):
-    """(d index_q, d index_k) float32 for dkl = 1 from the CUDA gradient pass.
+    """(KL value, d index_q [B, T, Hkv, Di], d index_k per kv head [B, S, Hkv, Di]) float32 for
+    dkl = 1 from the CUDA gradient pass, given the student's ilse.
 
     Default: one call over all queries with atomic sums. cfg.deterministic: per query chunk,
-    one work item per key tile and d index_q as slot partials summed here, so every sum has a
-    fixed order (as `_backward`). d index_k comes per kv head and is summed here.
+    one work item per key tile and d index_q and the value's terms as slot partials summed here,
+    so every sum has a fixed order (as `_backward`).
     """
     B, T, Hq, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
@@ -255,23 +261,26 @@ def _kl_grad(q, k, index_q, index_k, block_indices, lse, ilse, positions, cfg):
     hi = pos_lib.last_visible_key(positions, qpos, valid)
     packed = positions.segment_ids is not None
     lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
-    ilse = jnp.where(jnp.isfinite(ilse), ilse, 0.0)
+    ilse = jnp.where(jnp.isfinite(ilse), ilse, 0.0)  # rows without support have no entries
     call = functools.partial(ops.kl_bwd, q, k, lse, index_q, index_k, ilse, hi, top_k=K, block_size=cfg.block_size,
                              softmax_scale=cfg.scale(D), index_softmax_scale=cfg.index_scale(Di),
                              deterministic=cfg.deterministic)
     if not cfg.deterministic:
         work = worklist.build(block_indices, qpos, doc, valid, kv_len=S, block_size=cfg.block_size,
                               rows=item_rows(G), packed=packed)
-        d_iq, d_ik = call(work, q_base=0)
-        return d_iq, jnp.sum(d_ik, axis=2)
-    chunk = kv_partials.query_chunk(T, K * Hkv * Di * 4)
-    d_iqs, d_ik = [], 0.0
-    for c0 in range(0, T, chunk):
-        sl = slice(c0, min(T, c0 + chunk))
-        Tc = sl.stop - sl.start
-        work = worklist.build(block_indices[:, sl], qpos[:, sl], doc[:, sl], valid[:, sl], kv_len=S,
-                              block_size=cfg.block_size, rows=Tc * K, packed=packed)
-        d_iq_part, d_ik_c = call(work, q_base=c0)
-        d_iqs.append(jnp.sum(d_iq_part.reshape(B, Tc, K, Hkv, Di), axis=2))
-        d_ik = d_ik + d_ik_c
-    return jnp.concatenate(d_iqs, axis=1), jnp.sum(d_ik, axis=2)
+        d_iq, d_ik, terms = call(work, q_base=0)
+    else:
+        chunk = kv_partials.query_chunk(T, K * Hkv * (Di + 2) * 4)
+        d_iqs, termss, d_ik = [], [], 0.0
+        for c0 in range(0, T, chunk):
+            sl = slice(c0, min(T, c0 + chunk))
+            Tc = sl.stop - sl.start
+            work = worklist.build(block_indices[:, sl], qpos[:, sl], doc[:, sl], valid[:, sl], kv_len=S,
+                                  block_size=cfg.block_size, rows=Tc * K, packed=packed)
+            d_iq_part, d_ik_c, terms_part = call(work, q_base=c0)
+            d_iqs.append(jnp.sum(d_iq_part.reshape(B, Tc, K, Hkv, Di), axis=2))
+            termss.append(jnp.sum(terms_part.reshape(B, Tc, K, Hkv, 2), axis=2))
+            d_ik = d_ik + d_ik_c
+        d_iq, terms = jnp.concatenate(d_iqs, axis=1), jnp.concatenate(termss, axis=1)
+    value = jnp.sum(terms[..., 0] + ilse * terms[..., 1])  # KL(row) = sum(P log P - P u) + ilse sum P
+    return value, d_iq, d_ik

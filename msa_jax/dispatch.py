@@ -90,6 +90,14 @@ class Implementation:
 _REGISTRY: dict[str, Implementation] = {}
 
 
+def scale_saved_kl_gradients(index_q, index_k, dkl, saved):
+    """kl_bwd of an implementation whose kl_fwd saved the KL's gradients for dkl = 1 as
+    (d index_q [B, T, Hkv, Di], d index_k per kv head [B, S, Hkv, Di]), float32 (kl_saved_layouts
+    ("BTHD", "BSHD")): both scaled by dkl, d index_k summed over the heads, in the index dtypes."""
+    d_iq, d_ik = saved
+    return (d_iq * dkl).astype(index_q.dtype), (jnp.sum(d_ik, axis=2) * dkl).astype(index_k.dtype)
+
+
 def register(impl: Implementation) -> None:
     """Makes `impl` selectable by its name."""
     _REGISTRY[impl.name] = impl

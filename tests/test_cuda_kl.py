@@ -6,12 +6,16 @@ upcast to float32, for the same block_indices: the value within 2e-3 relative, a
 d index_q, d index_k with cosine >= 0.999 and relative norm error <= 2e-2, at D 64 and 128,
 Di 64 and 128, G 1, 2, 3, 4, 5, 7, 8, 16 and 32 (the last through Pallas's KL), bf16 and
 fp16, ragged rows with padding and multi-token decode, in both the atomic and the
-deterministic mode. Also: dense mode, bitwise repeatable
-deterministic gradients, sparse_attention's training step runs the CUDA KL kernels (and
-none of Pallas), and no KL kernel runs when nothing asks for the loss.
+deterministic mode. Under differentiation the value comes from the student-only pass and the
+gradient pass (kl_fwd); the value alone, from the value pass, is checked on the same cases.
+Also: dense mode, bitwise repeatable deterministic gradients, sparse_attention's training step
+runs the student and gradient passes once each (no value pass, none of Pallas's kernels), and
+no KL kernel runs when nothing asks for the loss.
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pytest
@@ -101,6 +105,27 @@ def test_kl_matches_reference(rng, case, deterministic):
     _check(got, _reference(q, k, index_q, index_k, bi, kw))
 
 
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_kl_value_alone_matches_reference(rng, case):
+    """The primal alone (no gradient asked) runs the value pass."""
+    q, k, index_q, index_k, bi, kw = _inputs(rng, case)
+    value = jax.jit(lambda iq, ik: msa_jax.index_kl_loss(q, k, iq, ik, bi, implementation="cuda", **kw))(
+        index_q, index_k)
+    up = lambda x: x.astype(jnp.float32)
+    want = msa_jax.index_kl_loss(up(q), up(k), up(index_q), up(index_k), bi, implementation="xla", **kw)
+    assert np.isfinite(float(value)), "KL value is not finite"
+    assert abs(float(value) - float(want)) <= MAX_VALUE_REL_ERR * abs(float(want)), (
+        f"KL value {float(value)} vs reference {float(want)}")
+
+
+def _kl_calls(lowered_text):
+    """(value passes, student passes, gradient passes) among a lowered program's custom calls."""
+    calls = [line for line in lowered_text.splitlines() if "stablehlo.custom_call" in line]
+    partials = [line for line in calls if "@msa_kl_partials" in line]
+    student = [line for line in partials if re.search(r"student = true", line)]
+    return len(partials) - len(student), len(student), sum("@msa_kl_bwd" in line for line in calls)
+
+
 def test_index_heads_in_another_dtype_take_pallas_kl(rng):
     """fp16 q with bf16 index heads: the KL kernel has one element type, so Pallas's KL runs
     beside the CUDA indexer and attention, and the result still matches the reference."""
@@ -137,23 +162,27 @@ def _training_inputs(rng):
 
 
 def test_sparse_attention_training_runs_the_cuda_kl(rng):
-    """The training step's graph holds both CUDA KL passes and no Pallas KL kernel, and its
-    index gradients match the xla implementation's."""
+    """The training step runs the student pass and the gradient pass once each and no value
+    pass nor Pallas KL kernel, and its KL value and index gradients match the xla
+    implementation's."""
     q, k, v, index_q, index_k = _training_inputs(rng)
     w = jnp.asarray(rng.standard_normal(q.shape, np.float32))
 
     def step(impl):
         def loss(q, k, v, index_q, index_k):
             r = msa_jax.sparse_attention(q, k, v, index_q, index_k, implementation=impl)
-            return jnp.sum(r.out.astype(jnp.float32) * w) + r.kl_loss
-        return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+            return jnp.sum(r.out.astype(jnp.float32) * w) + r.kl_loss, r.kl_loss
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))
 
-    text = step("cuda").lower(q, k, v, index_q, index_k).compile().as_text()
+    lowered = step("cuda").lower(q, k, v, index_q, index_k)
+    assert _kl_calls(lowered.as_text()) == (0, 1, 1), _kl_calls(lowered.as_text())
+    text = lowered.compile().as_text()
     assert "msa_kl_partials" in text and "msa_kl_bwd" in text
     assert "msa_kl_student_lse" not in text, "a Pallas KL kernel ran"
     up = lambda x: x.astype(jnp.float32)
-    got = step("cuda")(q, k, v, index_q, index_k)
-    want = step("xla")(*(up(x) for x in (q, k, v, index_q, index_k)))
+    got, kl = step("cuda")(q, k, v, index_q, index_k)
+    want, want_kl = step("xla")(*(up(x) for x in (q, k, v, index_q, index_k)))
+    assert abs(float(kl) - float(want_kl)) <= MAX_VALUE_REL_ERR * abs(float(want_kl)), (float(kl), float(want_kl))
     for name, a, b in zip(("d index_q", "d index_k"), got[3:], want[3:]):
         cos, err = cosine(a, b), rel_err(a, b)
         assert cos >= MIN_COSINE and err <= MAX_REL_ERR, f"{name}: cosine {cos:.5f}, relative error {err:.3g}"

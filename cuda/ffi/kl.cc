@@ -1,6 +1,6 @@
 // XLA FFI handlers of the KL passes over the sparse support, SM90 (cuda/kernels/kl_sm90.cuh):
-// "msa_kl_partials" (the value pass) and "msa_kl_bwd" (the gradient pass, given the student's
-// ilse). Each checks every shape, dtype and attribute the kernel relies on to stay in bounds,
+// "msa_kl_partials" (the value pass, or with `student` the student-only pass for ilse) and
+// "msa_kl_bwd" (the gradient pass with the value's terms, given the student's ilse). Each checks every shape, dtype and attribute the kernel relies on to stay in bounds,
 // zeroes the float32 outputs (cudaMemsetAsync on the call's stream), fills KLParams, launches,
 // and turns a launch error into ffi::Error. The work list's contents are bounds-checked by the
 // kernel itself. Never aborts, never synchronises.
@@ -79,7 +79,8 @@ ffi::Error CheckInputs(const char* op, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::
   params.partial = nullptr;
   params.d_index_q = nullptr;
   params.d_index_k = nullptr;
-  params.grad = false;
+  params.value_terms = nullptr;
+  params.pass = KLPass::kValue;
   params.deterministic = false;
   element = ElementTypeOf(dtype);
   return ffi::Error::Success();
@@ -92,7 +93,7 @@ ffi::Error KLPartials(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, f
                       ffi::Buffer<ffi::S32> item_tile,
                       ffi::Result<ffi::Buffer<ffi::F32>> partial,  // [B, E, Hkv, 2, 4]
                       int32_t q_base, int32_t top_k, int32_t block_size, float softmax_scale,
-                      float index_softmax_scale) {
+                      float index_softmax_scale, bool student) {
   AttentionCallSizes n;
   KLParams params;
   ElementType element;
@@ -109,6 +110,7 @@ ffi::Error KLPartials(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, f
   // Entries the work list leaves out are never written: start them at zero.
   if (ffi::Error err = ZeroOutput(kValueOp, partial, stream); err.failure()) return err;
   params.partial = partial->typed_data();
+  params.pass = student ? KLPass::kStudent : KLPass::kValue;
   return launch_error(kValueOp, launch_kl_sm90(params, element, stream));
 }
 
@@ -118,7 +120,8 @@ ffi::Error KLBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::B
                  ffi::Buffer<ffi::S32> entry_slot, ffi::Buffer<ffi::S32> item_start,
                  ffi::Buffer<ffi::S32> item_count, ffi::Buffer<ffi::S32> item_tile,
                  ffi::Result<ffi::Buffer<ffi::F32>> d_index_q,  // [B, T, Hkv, Di] or [B, E, Hkv, Di]
-                 ffi::Result<ffi::Buffer<ffi::F32>> d_index_k,  // [B, S, Hkv, Di]
+                 ffi::Result<ffi::Buffer<ffi::F32>> d_index_k,    // [B, S, Hkv, Di]
+                 ffi::Result<ffi::Buffer<ffi::F32>> value_terms,  // [B, T, Hkv, 2] or [B, E, Hkv, 2]
                  int32_t q_base, int32_t top_k, int32_t block_size, float softmax_scale, float index_softmax_scale,
                  bool deterministic) {
   AttentionCallSizes n;
@@ -145,14 +148,19 @@ ffi::Error KLBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::B
   if (!has_dims(d_index_k->dimensions(), {n.B, n.S, n.Hkv, di})) {
     return invalid("d_index_k must be [B, S, Hkv, Di], got " + dims_str(d_index_k->dimensions()));
   }
+  if (!has_dims(value_terms->dimensions(), {n.B, diq_rows, n.Hkv, 2})) {
+    return invalid(std::string("value_terms must be [B, ") + (deterministic ? "chunk * top_k" : "T") +
+                   ", Hkv, 2], got " + dims_str(value_terms->dimensions()));
+  }
   // The kernel adds into its outputs: start them at zero (rows no entry names stay zero).
-  for (auto* out : {&d_index_q, &d_index_k}) {
+  for (auto* out : {&d_index_q, &d_index_k, &value_terms}) {
     if (ffi::Error err = ZeroOutput(kGradOp, *out, stream); err.failure()) return err;
   }
   params.ilse = ilse.typed_data();
   params.d_index_q = d_index_q->typed_data();
   params.d_index_k = d_index_k->typed_data();
-  params.grad = true;
+  params.value_terms = value_terms->typed_data();
+  params.pass = KLPass::kGradient;
   params.deterministic = deterministic;
   return launch_error(kGradOp, launch_kl_sm90(params, element, stream));
 }
@@ -179,7 +187,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MsaKLPartials, msa::KLPartials,
                                   .Attr<int32_t>("top_k")
                                   .Attr<int32_t>("block_size")
                                   .Attr<float>("softmax_scale")
-                                  .Attr<float>("index_softmax_scale"));
+                                  .Attr<float>("index_softmax_scale")
+                                  .Attr<bool>("student"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MsaKLBwd, msa::KLBwd,
                               ffi::Ffi::Bind()
@@ -198,6 +207,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MsaKLBwd, msa::KLBwd,
                                   .Arg<ffi::Buffer<ffi::S32>>()  // item_tile
                                   .Ret<ffi::Buffer<ffi::F32>>()  // d_index_q
                                   .Ret<ffi::Buffer<ffi::F32>>()  // d_index_k
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // value_terms
                                   .Attr<int32_t>("q_base")
                                   .Attr<int32_t>("top_k")
                                   .Attr<int32_t>("block_size")

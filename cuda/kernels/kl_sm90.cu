@@ -8,9 +8,9 @@
 
 namespace msa {
 namespace kl_sm90 {
-#define MSA_KL_EXTERN(D, DI, E)                                                \
-  extern template cudaError_t launch<D, DI, E, false>(const KLParams&, cudaStream_t); \
-  extern template cudaError_t launch<D, DI, E, true>(const KLParams&, cudaStream_t);
+#define MSA_KL_EXTERN(D, DI, E)                                                                \
+  extern template cudaError_t launch<D, DI, E, KLPass::kValue>(const KLParams&, cudaStream_t);    \
+  extern template cudaError_t launch<D, DI, E, KLPass::kGradient>(const KLParams&, cudaStream_t);
 MSA_KL_EXTERN(64, 64, cutlass::bfloat16_t)
 MSA_KL_EXTERN(64, 64, cutlass::half_t)
 MSA_KL_EXTERN(64, 128, cutlass::bfloat16_t)
@@ -20,10 +20,23 @@ MSA_KL_EXTERN(128, 64, cutlass::half_t)
 MSA_KL_EXTERN(128, 128, cutlass::bfloat16_t)
 MSA_KL_EXTERN(128, 128, cutlass::half_t)
 #undef MSA_KL_EXTERN
+// The student pass, one per (Di, dtype), in the D = 64 files (its D is nominal).
+#define MSA_KL_STUDENT_EXTERN(DI, E) \
+  extern template cudaError_t launch<64, DI, E, KLPass::kStudent>(const KLParams&, cudaStream_t);
+MSA_KL_STUDENT_EXTERN(64, cutlass::bfloat16_t)
+MSA_KL_STUDENT_EXTERN(64, cutlass::half_t)
+MSA_KL_STUDENT_EXTERN(128, cutlass::bfloat16_t)
+MSA_KL_STUDENT_EXTERN(128, cutlass::half_t)
+#undef MSA_KL_STUDENT_EXTERN
 
 template <int kD, int kDi, class Element>
 cudaError_t launch_pass(const KLParams& p, cudaStream_t stream) {
-  return p.grad ? launch<kD, kDi, Element, true>(p, stream) : launch<kD, kDi, Element, false>(p, stream);
+  switch (p.pass) {
+    case KLPass::kValue: return launch<kD, kDi, Element, KLPass::kValue>(p, stream);
+    case KLPass::kGradient: return launch<kD, kDi, Element, KLPass::kGradient>(p, stream);
+    case KLPass::kStudent: return launch<64, kDi, Element, KLPass::kStudent>(p, stream);
+  }
+  return cudaErrorInvalidValue;
 }
 
 template <class Element>

@@ -1,11 +1,15 @@
 // The KL index-alignment loss over the sparse support for SM90 (spec, "KL index-alignment loss
 // and gradient detach"), KV-outer over the forward's work lists (msa_jax/kv_outer/worklist.py),
-// in two passes that share this kernel:
-//   value (kGrad = false): per (entry, key half) the partials (max u, sum exp(u - max),
+// in three passes that share this kernel (KLPass):
+//   value (kValue): per (entry, key half) the partials (max u, sum exp(u - max),
 //     sum P log P - P u, sum P); msa_jax/cuda.py merges them into the student's ilse and the
 //     KL value (KL = sum(P log P - P u) + ilse * sum P, as msa_jax/pallas/kl.py);
-//   gradient (kGrad = true, given ilse): du = R - P with R = exp(u - ilse), then
-//     d index_q += si du Ki and d index_k += si duᵀ index_q.
+//   student (kStudent): the same partials with the student's terms only, for ilse: no q, no K,
+//     no S = Q Kᵀ, and one row per token (64 tokens a step, where the others take 64 / G');
+//   gradient (kGradient, given ilse): du = R - P with R = exp(u - ilse), then
+//     d index_q += si du Ki and d index_k += si duᵀ index_q, and each token's value terms
+//     (sum P log P - P u, sum P), so that under differentiation student + gradient replace the
+//     value pass (msa_jax/cuda.py, kl_fwd).
 //
 // One CTA per work item: one 128-key tile of kv head g and up to `count` (query, slot)
 // entries that selected it. K and the tile's index keys are loaded once (TMA). A step covers
@@ -33,6 +37,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
@@ -97,11 +102,15 @@ struct RowMeta {
   int query;
   int part_row;
 };
-template <int kD_, int kDi_, class Element_, bool kGrad_>
+// The TMA argument of a pass that loads no K (the student's).
+struct NoTma {};
+
+template <int kD_, int kDi_, class Element_, KLPass kPass>
 struct Config {
   static constexpr int kD = kD_;
   static constexpr int kDi = kDi_;
-  static constexpr bool kGrad = kGrad_;
+  static constexpr bool kGrad = kPass == KLPass::kGradient;
+  static constexpr bool kStudent = kPass == KLPass::kStudent;  // reads no q, k or lse
   using Element = Element_;
   using IndexElement = Element_;  // index_q and index_k have q's dtype
   static constexpr int kChunks = kD * sizeof(Element) / 16;        // 16-byte pieces of a q row
@@ -147,12 +156,12 @@ struct Config {
   using MmaDIK = decltype(make_tiled_mma(
       GMMA::ss_op_selector<IndexElement, IndexElement, float, Shape<Int<kHalf>, Int<kDi>, Int<kRows>>,
                            GMMA::Major::MN, GMMA::Major::MN>()));
-  static constexpr uint32_t kTileBytes = kBlock * (kD * sizeof(Element) + kDi * sizeof(IndexElement));
+  static constexpr uint32_t kTileBytes = kBlock * ((kStudent ? 0 : kD * sizeof(Element)) + kDi * sizeof(IndexElement));
 
   struct SharedStorage {
-    array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> q;
+    array_aligned<Element, kStudent ? 8 : cosize_v<SmemLayoutQ>, 1024> q;
     array_aligned<IndexElement, cosize_v<SmemLayoutIQ>, 1024> iq;
-    array_aligned<Element, cosize_v<SmemLayoutK>, 1024> k;
+    array_aligned<Element, kStudent ? 8 : cosize_v<SmemLayoutK>, 1024> k;
     array_aligned<IndexElement, cosize_v<SmemLayoutIK>, 1024> ik;
     array_aligned<IndexElement, kGrad ? 2 * cosize_v<SmemLayoutDUt> : 8, 1024> du;  // one du per warpgroup
     RowInfo info[kStages][kRows];  // the stage's rows (written by its gathering warp)
@@ -174,8 +183,15 @@ struct Config {
   static auto make_tma_ik(const void* ptr, const KLParams& p) {
     return make_tma_copy(SM90_TMA_LOAD{}, index_k_tensor(ptr, p), SmemLayoutIHalf{});
   }
-  using TmaK = decltype(make_tma_k(nullptr, KLParams{}));
+  using TmaK = std::conditional_t<kStudent, NoTma, decltype(make_tma_k(nullptr, KLParams{}))>;
   using TmaIK = decltype(make_tma_ik(nullptr, KLParams{}));
+  static TmaK tma_k(const KLParams& p) {
+    if constexpr (kStudent) {
+      return NoTma{};
+    } else {
+      return make_tma_k(p.k, p);
+    }
+  }
 };
 
 template <class Cfg>
@@ -261,7 +277,7 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
   if (!load_work_item(p, w)) return;
   const int g = w.g, b = w.b, start = w.start, count = w.count, tile = w.tile;
   const int group = w.group;
-  const int slots = row_slots(group);
+  const int slots = Cfg::kStudent ? 1 : row_slots(group);  // the student's rows: one per token
   const int tokens = kRows / slots;
   const int n_steps = (count + tokens - 1) / tokens;
 
@@ -281,7 +297,7 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
   {
     uint4* iq = reinterpret_cast<uint4*>(smem.iq.data());
     for (int i = threadIdx.x; i < int(sizeof(smem.iq) / 16); i += kThreads) iq[i] = make_uint4(0, 0, 0, 0);
-    if (slots != group) {
+    if (!Cfg::kStudent && slots != group) {
       uint4* q = reinterpret_cast<uint4*>(smem.q.data());
       for (int i = threadIdx.x; i < int(sizeof(smem.q) / 16); i += kThreads) q[i] = make_uint4(0, 0, 0, 0);
     }
@@ -297,23 +313,28 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
   if (warp_group == 0) {
     cutlass::arch::warpgroup_reg_dealloc<kLoadRegisters>();
     if (warp == 0 && lane == 0) {
-      cute::prefetch_tma_descriptor(args.tma_k.get_tma_descriptor());
       cute::prefetch_tma_descriptor(args.tma_ik.get_tma_descriptor());
-      Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Cfg::SmemLayoutK{});
       Tensor sIK = make_tensor(make_smem_ptr(smem.ik.data()), typename Cfg::SmemLayoutIK{});
       cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.tile_full, Cfg::kTileBytes);
-      auto tk = args.tma_k.get_slice(0);
       auto tik = args.tma_ik.get_slice(0);
-      Tensor mK = args.tma_k.get_tma_tensor(kv_shape<kD>(p));
       Tensor mIK = args.tma_ik.get_tma_tensor(make_shape(p.kv_len, Int<kDi>{}, p.batch));
       CUTE_UNROLL
       for (int h = 0; h < 2; ++h) {
-        Tensor gK = local_tile(domain_offset(make_coord(tile, 0), mK(_, _, g, b)), Shape<Int<kHalf>, Int<kD>>{},
-                               make_coord(h, 0));
         Tensor gIK = local_tile(domain_offset(make_coord(tile, 0), mIK(_, _, b)), Shape<Int<kHalf>, Int<kDi>>{},
                                 make_coord(h, 0));
-        copy(args.tma_k.with(smem.tile_full), tk.partition_S(gK), tk.partition_D(sK(_, _, h)));
         copy(args.tma_ik.with(smem.tile_full), tik.partition_S(gIK), tik.partition_D(sIK(_, _, h)));
+      }
+      if constexpr (!Cfg::kStudent) {
+        cute::prefetch_tma_descriptor(args.tma_k.get_tma_descriptor());
+        Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Cfg::SmemLayoutK{});
+        auto tk = args.tma_k.get_slice(0);
+        Tensor mK = args.tma_k.get_tma_tensor(kv_shape<kD>(p));
+        CUTE_UNROLL
+        for (int h = 0; h < 2; ++h) {
+          Tensor gK = local_tile(domain_offset(make_coord(tile, 0), mK(_, _, g, b)), Shape<Int<kHalf>, Int<kD>>{},
+                                 make_coord(h, 0));
+          copy(args.tma_k.with(smem.tile_full), tk.partition_S(gK), tk.partition_D(sK(_, _, h)));
+        }
       }
     }
     if (warp >= kStages) return;
@@ -332,7 +353,7 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
         const int r = lane + 32 * h;
         const RowEntry e = kl_row_entry(p, b, g, start, count, group, slots, c, r);
         const bool token_live = e.query >= 0;
-        const bool head_live = token_live && r % slots < group;
+        const bool head_live = !Cfg::kStudent && token_live && r % slots < group;
         // Padding rows and the index_q of rows other than a token's lead row stay zero.
         src_q[h] = r % slots >= group ? -2 : e.query < 0 ? -1 : row_src(p, e);
         src_iq[h] = r % slots != 0 ? -2 : e.query < 0 ? -1 : (p.q_base + e.query) * p.num_kv_heads + g;
@@ -348,7 +369,7 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
       cutlass::arch::ClusterBarrier::wait(&smem.empty[s], ((c / kStages) & 1) ^ 1);
       smem.info[s][lane] = info[0];
       smem.info[s][lane + 32] = info[1];
-      gather_rows<Cfg::kChunks>(sQ(_, _, s), q, kD, src_q, lane);
+      if constexpr (!Cfg::kStudent) gather_rows<Cfg::kChunks>(sQ(_, _, s), q, kD, src_q, lane);
       gather_rows<Cfg::kIChunks>(sIQ(_, _, s), iq, kDi, src_iq, lane);
       cute::cp_async_fence();
       cute::cp_async_wait<0>();
@@ -406,8 +427,21 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
   const int my_row[2] = {get<0>(cs(0, 0)), get<0>(cs(1, 0))};  // of every step
   const cutlass::arch::NamedBarrier warpgroup_sync(128, half);  // this warpgroup only
 
-  // One token's value partials (max u, sum exp(u - max), sum P̄ log P̄ - P̄ u, sum P̄) over the
-  // visible keys among this lane's n; `reduce_*` combine them over the lanes sharing the token.
+  // The value's teacher terms (sum P̄ log P̄ - P̄ u, sum P̄) over the visible keys among this
+  // lane's n.
+  auto teacher_terms = [&](auto n, const float* u, const float* pm, const bool* ok) {
+    float a = 0.0f, psum = 0.0f;
+    CUTE_UNROLL
+    for (int j = 0; j < n; ++j) {
+      if (!ok[j]) continue;
+      a += (pm[j] > 0.0f ? pm[j] * logf(pm[j]) : 0.0f) - pm[j] * u[j];
+      psum += pm[j];
+    }
+    return make_float2(a, psum);
+  };
+  // One token's value partials (max u, sum exp(u - max), then the teacher terms, 0 in the
+  // student pass) over the visible keys among this lane's n; `reduce_*` combine them over the
+  // lanes sharing the token.
   auto token_partials = [&](auto n, const float* u, const float* pm, const bool* ok, auto reduce_max,
                             auto reduce_sum) {
     float m = -INFINITY;
@@ -416,20 +450,26 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
       if (ok[j]) m = fmaxf(m, u[j]);
     }
     m = reduce_max(m);
-    float l = 0.0f, a = 0.0f, psum = 0.0f;
+    float l = 0.0f;
+    float2 terms = make_float2(0.0f, 0.0f);
     if (m > -INFINITY) {
       CUTE_UNROLL
       for (int j = 0; j < n; ++j) {
-        if (!ok[j]) continue;
-        l += exp2f((u[j] - m) * float(M_LOG2E));
-        a += (pm[j] > 0.0f ? pm[j] * logf(pm[j]) : 0.0f) - pm[j] * u[j];
-        psum += pm[j];
+        if (ok[j]) l += exp2f((u[j] - m) * float(M_LOG2E));
       }
+      if constexpr (!Cfg::kStudent) terms = teacher_terms(n, u, pm, ok);
     }
-    return make_float4(m, reduce_sum(l), reduce_sum(a), reduce_sum(psum));
+    if constexpr (Cfg::kStudent) return make_float4(m, reduce_sum(l), 0.0f, 0.0f);
+    return make_float4(m, reduce_sum(l), reduce_sum(terms.x), reduce_sum(terms.y));
   };
   auto partial_at = [&](int64_t part_row) {
     return reinterpret_cast<float4*>(p.partial) + ((int64_t(b) * p.num_entries + part_row) * p.num_kv_heads + g) * 2 + half;
+  };
+  // Gradient pass: the row of a token's d index_q and value terms, a slot partial
+  // (deterministic) or the token's own row.
+  auto token_out_row = [&](int query, int part_row) {
+    return p.deterministic ? (int64_t(b) * p.num_entries + part_row) * p.num_kv_heads + g
+                           : (int64_t(b) * p.q_len + p.q_base + query) * p.num_kv_heads + g;
   };
   // The token work of one step with `slots` = kSlots rows per token (a compile-time power of two):
   // each token's P summed over its heads and its u, reduce-scattered over the token's lanes,
@@ -446,7 +486,7 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
       float pv[kCols], uv[kCols];
       CUTE_UNROLL
       for (int j = 0; j < kCols; ++j) {
-        pv[j] = kSlots == 16 ? ps(0, j) + ps(1, j) : ps(t, j);
+        pv[j] = Cfg::kStudent ? 0.0f : kSlots == 16 ? ps(0, j) + ps(1, j) : ps(t, j);
         uv[j] = kSlots == 16 ? us(0, j) + us(1, j) : us(t, j);
       }
       const int base = reduce_scatter<kLevels>(pv, uv, lane);
@@ -473,6 +513,12 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
           const float du = ok[k] ? exp2f((u[k] - tm.ilse) * float(M_LOG2E)) - pm[k] : 0.0f;
           sDU(lead_row, key[k]) = IndexElement(du);
         }
+        // The token's value terms over this half: one add per (token, half).
+        const float2 terms = teacher_terms(Int<kOwn>{}, u, pm, ok);
+        const float a = span_sum<kSpan>(terms.x), psum = span_sum<kSpan>(terms.y);
+        if (tm.part_row >= 0 && lane % kSpan == 0) {
+          add_pair(p.value_terms + 2 * token_out_row(tm.query, tm.part_row), a, psum);
+        }
       }
     }
   };
@@ -494,11 +540,13 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
     warpgroup_fence_operand(acc_s);
     warpgroup_fence_operand(acc_u);
     warpgroup_arrive();
-    mma_s.accumulate_ = GMMA::ScaleOut::Zero;
-    CUTE_UNROLL
-    for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
-      cute::gemm(mma_s, tSrQ(_, _, kb, s), tSrK(_, _, kb), acc_s);
-      mma_s.accumulate_ = GMMA::ScaleOut::One;
+    if constexpr (!Cfg::kStudent) {
+      mma_s.accumulate_ = GMMA::ScaleOut::Zero;
+      CUTE_UNROLL
+      for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
+        cute::gemm(mma_s, tSrQ(_, _, kb, s), tSrK(_, _, kb), acc_s);
+        mma_s.accumulate_ = GMMA::ScaleOut::One;
+      }
     }
     mma_u.accumulate_ = GMMA::ScaleOut::Zero;
     CUTE_UNROLL
@@ -510,28 +558,34 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
     warpgroup_wait<0>();
     warpgroup_fence_operand(acc_s);
     warpgroup_fence_operand(acc_u);
-    // The value pass is done with the stage (its rows' info is in cur); the gradient pass still
-    // reads index_q (d index_k).
+    // The value and student passes are done with the stage (its rows' info is in cur); the
+    // gradient pass still reads index_q (d index_k).
     if constexpr (!Cfg::kGrad) cutlass::arch::ClusterBarrier::arrive(&smem.empty[s]);
 
     // Each head's P over its visible keys (0 elsewhere, a select: masked S may be anything).
     Tensor ps = make_tensor(acc_s.data(), sm90::acc_rows_by_cols(acc_s.layout()));
     Tensor us = make_tensor(acc_u.data(), sm90::acc_rows_by_cols(acc_u.layout()));
-    CUTE_UNROLL
-    for (int i = 0; i < 2; ++i) {
+    if constexpr (!Cfg::kStudent) {
       CUTE_UNROLL
-      for (int j = 0; j < size<1>(ps); ++j) {
-        ps(i, j) = get<1>(cs(i, j)) < cur[i].p_visible ? exp2f(ps(i, j) * scale_log2 - cur[i].lse_log2) : 0.0f;
+      for (int i = 0; i < 2; ++i) {
+        CUTE_UNROLL
+        for (int j = 0; j < size<1>(ps); ++j) {
+          ps(i, j) = get<1>(cs(i, j)) < cur[i].p_visible ? exp2f(ps(i, j) * scale_log2 - cur[i].lse_log2) : 0.0f;
+        }
       }
     }
     // Once every warp is past the previous step's products, which read du.
     if constexpr (Cfg::kGrad) warpgroup_sync.arrive_and_wait();
-    switch (slots) {
-      case 1: token_step(_1{}, ps, us, cur); break;
-      case 2: token_step(_2{}, ps, us, cur); break;
-      case 4: token_step(_4{}, ps, us, cur); break;
-      case 8: token_step(_8{}, ps, us, cur); break;
-      default: token_step(_16{}, ps, us, cur); break;
+    if constexpr (Cfg::kStudent) {
+      token_step(_1{}, ps, us, cur);
+    } else {
+      switch (slots) {
+        case 1: token_step(_1{}, ps, us, cur); break;
+        case 2: token_step(_2{}, ps, us, cur); break;
+        case 4: token_step(_4{}, ps, us, cur); break;
+        case 8: token_step(_8{}, ps, us, cur); break;
+        default: token_step(_16{}, ps, us, cur); break;
+      }
     }
 
     if constexpr (Cfg::kGrad) {
@@ -564,10 +618,7 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
       CUTE_UNROLL
       for (int i = 0; i < 2; ++i) {
         if (cur[i].query < 0 || my_row[i] % slots != 0) continue;  // only lead rows of du are non-zero
-        const int64_t row = p.deterministic
-                                ? (int64_t(b) * p.num_entries + cur[i].part_row) * p.num_kv_heads + g
-                                : (int64_t(b) * p.q_len + p.q_base + cur[i].query) * p.num_kv_heads + g;
-        float* out = p.d_index_q + row * kDi;
+        float* out = p.d_index_q + token_out_row(cur[i].query, cur[i].part_row) * kDi;
         CUTE_UNROLL
         for (int j = 0; j < size<1>(diq); j += 2) {
           add_pair(out + get<1>(ciq(i, j)), iscale * diq(i, j), iscale * diq(i, j + 1));
@@ -593,20 +644,24 @@ __global__ void __launch_bounds__(kThreads, 1) kl_kernel(const __grid_constant__
 #endif
 }
 
-template <int kD, int kDi, class Element, bool kGrad>
+// The student pass reads no q or k: its kD is nominal (kl_sm90.cu instantiates it once per
+// (Di, dtype)) and p.head_dim is not checked against it.
+template <int kD, int kDi, class Element, KLPass kPass>
 cudaError_t launch(const KLParams& p, cudaStream_t stream) {
-  using Cfg = Config<kD, kDi, Element, kGrad>;
+  using Cfg = Config<kD, kDi, Element, kPass>;
   const int group = p.num_kv_heads > 0 ? p.num_q_heads / p.num_kv_heads : 0;
   // TMA and cp.async need 16-byte aligned bases; the float4 stores and float2 adds too.
-  const bool outputs_ok = kGrad ? sm90::aligned16(p.d_index_q) && sm90::aligned16(p.d_index_k) && p.ilse != nullptr
-                                : sm90::aligned16(p.partial);
-  if (!sm90::aligned16(p.q) || !sm90::aligned16(p.k) || !sm90::aligned16(p.index_q) || !sm90::aligned16(p.index_k) ||
-      !outputs_ok || p.head_dim != kD || p.index_head_dim != kDi || p.block_size != kBlock || group < 1 ||
-      group > kMaxGroup || group * p.num_kv_heads != p.num_q_heads || p.batch < 1 || p.batch > 65535 ||
-      p.num_kv_heads > 65535 || p.num_items < 1 || p.top_k < 1 || p.kv_len < 1 || p.q_len < 1) {
+  const bool outputs_ok = Cfg::kGrad ? sm90::aligned16(p.d_index_q) && sm90::aligned16(p.d_index_k) &&
+                                           sm90::aligned16(p.value_terms) && p.ilse != nullptr
+                                     : sm90::aligned16(p.partial);
+  const bool main_ok = Cfg::kStudent || (sm90::aligned16(p.q) && sm90::aligned16(p.k) && p.head_dim == kD);
+  if (!main_ok || !sm90::aligned16(p.index_q) || !sm90::aligned16(p.index_k) || !outputs_ok ||
+      p.index_head_dim != kDi || p.block_size != kBlock || group < 1 || group > kMaxGroup ||
+      group * p.num_kv_heads != p.num_q_heads || p.batch < 1 || p.batch > 65535 || p.num_kv_heads > 65535 ||
+      p.num_items < 1 || p.top_k < 1 || p.kv_len < 1 || p.q_len < 1) {
     return cudaErrorInvalidValue;
   }
-  KernelArgs<Cfg> args{p, Cfg::make_tma_k(p.k, p), Cfg::make_tma_ik(p.index_k, p)};
+  KernelArgs<Cfg> args{p, Cfg::tma_k(p), Cfg::make_tma_ik(p.index_k, p)};
   auto* kernel = &kl_kernel<Cfg>;
   constexpr int smem_bytes = sizeof(typename Cfg::SharedStorage);
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);

@@ -104,23 +104,24 @@ def sparse_attention_bwd(q, k, v, dout, lse, delta, last_visible, work, *, q_bas
 
 
 def kl_partials(q, k, lse, index_q, index_k, last_visible, work, *, q_base: int, top_k: int, block_size: int,
-                softmax_scale: float, index_softmax_scale: float):
-    """The KL value pass of one query chunk (target "msa_kl_partials").
+                softmax_scale: float, index_softmax_scale: float, student: bool = False):
+    """The KL value pass of one query chunk (target "msa_kl_partials"); with student=True the
+    student-only pass (the student's log-sum-exp partials alone; q, k and lse are not read).
 
     Args:
       q: [B, T, Hq, D] (all queries); k: [B, S, Hkv, D]; bf16 or fp16, one dtype.
       lse: float32 [B, T, Hq], the teacher's (finite wherever an entry is live).
       index_q: bf16 [B, T, Hkv, Di]; index_k: bf16 [B, S, Di].
       last_visible: int32 [B, T], the last key each query may see (-1: none).
-      work: the chunk's `WorkList`, rows a multiple of 64 // G.
+      work: the chunk's `WorkList`, rows a multiple of 64 // G (student: of 64).
       q_base: first query of the chunk; top_k, block_size, softmax_scale, index_softmax_scale:
         the spec's K, Bk, s, si.
 
     Returns:
       float32 [B, chunk * top_k, Hkv, 2, 4]: per entry (query * top_k + slot), kv head and key
       half of its tile, (max u, sum exp(u - max), sum P log P - P u, sum P) over the half's
-      visible keys, P the group-mean teacher and u = si <index_q, index_k>; zero for entries
-      the work list leaves out.
+      visible keys, P the group-mean teacher and u = si <index_q, index_k> (student: the last
+      two are 0); zero for entries the work list leaves out.
     """
     B, Hkv, E = work.entry_query.shape
     out = jax.ShapeDtypeStruct((B, E, Hkv, 2, 4), jnp.float32)
@@ -128,26 +129,31 @@ def kl_partials(q, k, lse, index_q, index_k, last_visible, work, *, q_base: int,
     return call(q, k, lse.astype(jnp.float32), index_q, index_k, last_visible.astype(jnp.int32), work.entry_query,
                 work.entry_slot, work.item_start, work.item_count, work.item_tile, q_base=np.int32(q_base),
                 top_k=np.int32(top_k), block_size=np.int32(block_size), softmax_scale=np.float32(softmax_scale),
-                index_softmax_scale=np.float32(index_softmax_scale))
+                index_softmax_scale=np.float32(index_softmax_scale), student=bool(student))
 
 
 def kl_bwd(q, k, lse, index_q, index_k, ilse, last_visible, work, *, q_base: int, top_k: int, block_size: int,
            softmax_scale: float, index_softmax_scale: float, deterministic: bool):
-    """The KL gradient pass of one query chunk for dkl = 1 (target "msa_kl_bwd").
+    """The KL gradient pass of one query chunk for dkl = 1, with the value's terms (target
+    "msa_kl_bwd").
 
     Args: as `kl_partials`, plus ilse float32 [B, T, Hkv], the student's log-sum-exp over the
       whole support (finite wherever an entry is live); with deterministic=True the work list
       must hold one work item per (key tile, kv head).
 
     Returns:
-      (d_index_q, d_index_k) float32: d_index_k [B, S, Hkv, Di], each kv head's share (the
-      caller sums over Hkv); d_index_q [B, T, Hkv, Di] summed over tiles (rows of other chunks
-      0), or with deterministic=True [B, chunk * top_k, Hkv, Di] slot partials.
+      (d_index_q, d_index_k, value_terms) float32: d_index_k [B, S, Hkv, Di], each kv head's
+      share (the caller sums over Hkv); d_index_q [B, T, Hkv, Di] summed over tiles (rows of
+      other chunks 0), or with deterministic=True [B, chunk * top_k, Hkv, Di] slot partials;
+      value_terms with d_index_q's rows, [.., Hkv, 2]: (sum P log P - P u, sum P) over the
+      row's support, so that KL(row) = terms[0] + ilse * terms[1].
     """
     B, T, Hkv, Di = index_q.shape
     S, E = k.shape[1], work.entry_query.shape[-1]
-    out = (jax.ShapeDtypeStruct((B, E if deterministic else T, Hkv, Di), jnp.float32),
-           jax.ShapeDtypeStruct((B, S, Hkv, Di), jnp.float32))
+    rows = E if deterministic else T
+    out = (jax.ShapeDtypeStruct((B, rows, Hkv, Di), jnp.float32),
+           jax.ShapeDtypeStruct((B, S, Hkv, Di), jnp.float32),
+           jax.ShapeDtypeStruct((B, rows, Hkv, 2), jnp.float32))
     call = jax.ffi.ffi_call(KL_BWD, out, vmap_method="sequential")
     return call(q, k, lse.astype(jnp.float32), index_q, index_k, ilse.astype(jnp.float32),
                 last_visible.astype(jnp.int32), work.entry_query, work.entry_slot, work.item_start, work.item_count,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 
 from ..config import CallInfo
+from .. import dispatch
 from ..dispatch import Implementation
 from ..kv_outer.worklist import dense_indices
 from .. import paged_cache
@@ -91,7 +92,7 @@ class PallasImplementation(Implementation):
         return kl.kl_fwd(q, k, index_q, index_k, block_indices, lse, positions, cfg, interpret=self.interpret)
 
     def kl_bwd(self, q, k, index_q, index_k, block_indices, lse, positions, cfg, dkl, saved):
-        return kl.kl_bwd(index_q, index_k, dkl, saved)
+        return dispatch.scale_saved_kl_gradients(index_q, index_k, dkl, saved)
 
     # ---- paged caches (inference) -------------------------------------------------------
 

@@ -223,8 +223,3 @@ def kl_fwd(q, k, index_q, index_k, block_indices, lse, positions: Positions, cfg
     value, diq, dik = _run(q, k, index_q, index_k, block_indices, lse, positions, cfg, True, interpret=interpret)
     return value, (diq, dik)
 
-
-def kl_bwd(index_q, index_k, dkl, saved):
-    """(d index_q, d index_k) for the cotangent dkl of kl_fwd's sum."""
-    diq, dik = saved
-    return (diq * dkl).astype(index_q.dtype), (jnp.sum(dik, axis=2) * dkl).astype(index_k.dtype)

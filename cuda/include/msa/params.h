@@ -95,17 +95,23 @@ struct AttentionBwdParams : KVOuterParams {
 // The KL index-alignment loss over the sparse support (spec, "KL index-alignment loss"), KV-outer
 // over the forward's work lists. Inputs: q [B, q_len, Hq, D] and k [B, S, Hkv, D] (bf16 or
 // fp16), lse [B, q_len, Hq] f32 (the teacher's, finite for every row an entry names),
-// index_q [B, q_len, Hkv, Di] and index_k [B, S, Di] (bf16), the KVOuterParams. One entry is
-// one (query, slot) of kv head g: E = chunk * top_k, row e = query * top_k + slot.
-// Value pass (grad = false), written per entry and key half (plain stores, zeroed by the
-// caller), partial [B, E, Hkv, 2, 4] f32: (max u, sum exp(u - max), sum P log P - P u,
-// sum P) over the half's visible keys, P the group-mean teacher, u = si <index_q, index_k>.
-// Gradient pass (grad = true): ilse [B, q_len, Hkv] f32 (the student's log-sum-exp over the
-// whole support, finite for every live entry) and du = exp(u - ilse) - P (for dkl = 1):
+// index_q [B, q_len, Hkv, Di] and index_k [B, S, Di] (q's dtype), the KVOuterParams. One entry
+// is one (query, slot) of kv head g: E = chunk * top_k, row e = query * top_k + slot.
+// Three passes (KLPass):
+// kValue, written per entry and key half (plain stores, zeroed by the caller), partial
+//   [B, E, Hkv, 2, 4] f32: (max u, sum exp(u - max), sum P log P - P u, sum P) over the half's
+//   visible keys, P the group-mean teacher, u = si <index_q, index_k>.
+// kStudent: the same partial with only the student's terms (max u, sum exp(u - max), 0, 0);
+//   reads neither q, k nor lse.
+// kGradient: ilse [B, q_len, Hkv] f32 (the student's log-sum-exp over the whole support, finite
+//   for every live entry) and du = exp(u - ilse) - P (for dkl = 1):
 //   d_index_q: deterministic = false: [B, q_len, Hkv, Di] atomic sums over tiles;
 //              deterministic = true: [B, E, Hkv, Di] slot partials (two adds each, the halves);
 //   d_index_k: [B, S, Hkv, Di], each item adds its tile's keys (one term per kv head, summed
-//              over heads by the caller).
+//              over heads by the caller);
+//   value_terms: the value's terms (sum P log P - P u, sum P), rows as d_index_q's, [.., Hkv, 2].
+enum class KLPass : int { kValue = 0, kGradient = 1, kStudent = 2 };
+
 struct KLParams : KVOuterParams {
   const void* q;
   const void* k;
@@ -116,9 +122,10 @@ struct KLParams : KVOuterParams {
   float* partial;
   float* d_index_q;
   float* d_index_k;
+  float* value_terms;
   int index_head_dim;         // Di
   float index_softmax_scale;  // si > 0
-  bool grad;
+  KLPass pass;
   bool deterministic;
 };
 
