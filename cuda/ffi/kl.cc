@@ -1,8 +1,9 @@
 // XLA FFI handlers of the KL passes over the sparse support, SM90 (cuda/kernels/kl_sm90.cuh):
 // "msa_kl_partials" (the value pass, or with `student` the student-only pass for ilse) and
-// "msa_kl_bwd" (the gradient pass with the value's terms, given the student's ilse). Each checks every shape, dtype and attribute the kernel relies on to stay in bounds,
-// zeroes the float32 outputs (cudaMemsetAsync on the call's stream), fills KLParams, launches,
-// and turns a launch error into ffi::Error. The work list's contents are bounds-checked by the
+// "msa_kl_bwd" (the gradient pass with the value's terms, given the student's ilse). Each
+// checks every shape, dtype and attribute the kernel relies on to stay in bounds, zeroes the
+// float32 outputs (cudaMemsetAsync on the call's stream), fills KLParams, launches, and turns a
+// launch error into ffi::Error. The work list's contents are bounds-checked by the
 // kernel itself. Never aborts, never synchronises.
 #include <cuda_runtime_api.h>
 
