@@ -3,8 +3,8 @@
 CUDA kernels: `select_blocks` (the fused indexer, cuda/kernels/indexer_sm90.cuh), the
 block-sparse attention forward (KV-outer slot partials, cuda/kernels/attention_fwd_sm90.cuh),
 its backward (cuda/kernels/attention_bwd_sm90.cuh) and the KL loss's value, student and
-gradient passes (cuda/kernels/kl_sm90.cuh), all KV-outer over the work lists of msa_jax/kv_outer, whose jnp
-code (shared with pallas) also merges their slot partials.
+gradient passes (cuda/kernels/kl_sm90.cuh), all KV-outer over the work lists of
+msa_jax/kv_outer, whose jnp code (shared with pallas) also merges their slot partials.
 """
 
 from __future__ import annotations
