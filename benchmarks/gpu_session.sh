@@ -5,7 +5,9 @@
 #   bash benchmarks/gpu_session.sh build test-cuda sanitize bench-indexer
 #
 # Steps, in the order given; each writes its log under $OUT and a failing step does not stop
-# the later ones (the exit status is the number of failed steps):
+# the later ones (the exit status is the number of failed steps). At most 8 files come back
+# from $OUT (the device README's limits): build, test-cuda and bench-* write 1-2 each, train-32k
+# 4 and sanitize 4, so split a call that would write more (a train-32k metrics file was lost so):
 #   build          the CUDA extension for sm_90a into the device's Python (editable install)
 #   test-cuda      pytest -m gpu of the cuda implementation (forward, backward, KL, packed documents) and the extension loader
 #   test-wheel     the same tests (every test of both files, TEST_K to narrow them) against an
