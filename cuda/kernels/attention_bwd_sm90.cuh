@@ -49,6 +49,7 @@ constexpr int kThreads = 128 * 3;
 // 128 x 40 + 256 x 232 <= 65536 registers per SM.
 constexpr int kLoadRegisters = 40;
 constexpr int kComputeRegisters = 232;
+static_assert(sm90::register_split_fits(kThreads, kLoadRegisters, kComputeRegisters));
 
 // What the compute warpgroups need of a matrix row of a step besides its q and dout; the
 // gathering warp loads it with the row's source and writes it beside the stage, so its

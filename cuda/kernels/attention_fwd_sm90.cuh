@@ -45,6 +45,7 @@ constexpr int kThreads = 128 * 3;
 // 128 x 56 + 256 x 224 <= 65536 registers per SM.
 constexpr int kLoadRegisters = 56;
 constexpr int kComputeRegisters = 224;
+static_assert(sm90::register_split_fits(kThreads, kLoadRegisters, kComputeRegisters));
 
 template <int kD_, class Element_>
 struct Config {

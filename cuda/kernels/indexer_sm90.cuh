@@ -49,6 +49,7 @@ constexpr int kThreads = 128 * (1 + kComputeWarpGroups);
 // Registers per thread after setmaxnreg: the loader needs few; 2 x 232 + 40 <= 512 per lane.
 constexpr int kLoadRegisters = 40;
 constexpr int kComputeRegisters = 232;
+static_assert(sm90::register_split_fits(kThreads, kLoadRegisters, kComputeRegisters));
 
 // Ring depth: about 128 KB of key tiles in flight (32 KB per stage at Di = 128).
 constexpr int stages_for(int index_head_dim) { return index_head_dim == 128 ? 4 : 8; }

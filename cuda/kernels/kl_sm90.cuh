@@ -61,6 +61,7 @@ constexpr int kThreads = 128 * 3;
 // across the stage wait, 2 x 32 cp.async a step) spills below 72; the compute side fits 216.
 constexpr int kLoadRegisters = 72;
 constexpr int kComputeRegisters = 216;
+static_assert(sm90::register_split_fits(kThreads, kLoadRegisters, kComputeRegisters));
 
 constexpr int kMaxGroup = 16;     // a token's rows must lie within one warp (reduce_scatter)
 
