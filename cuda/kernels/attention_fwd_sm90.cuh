@@ -42,7 +42,7 @@ using namespace attention_sm90;
 constexpr int kStages = 8;
 constexpr int kLoadWarps = 4;
 constexpr int kThreads = 128 * 3;
-// 128 x 56 + 256 x 224 <= 65536 registers per SM.
+// 128 x 56 + 256 x 224 <= 168 x 384 = 64512, what the launch gives the CTA.
 constexpr int kLoadRegisters = 56;
 constexpr int kComputeRegisters = 224;
 static_assert(sm90::register_split_fits(kThreads, kLoadRegisters, kComputeRegisters));

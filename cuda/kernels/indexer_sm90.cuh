@@ -46,7 +46,8 @@ constexpr int kRowsPerWarpGroup = 64;  // wgmma M
 constexpr int kComputeWarpGroups = 2;
 constexpr int kRows = kRowsPerWarpGroup * kComputeWarpGroups;  // queries per CTA
 constexpr int kThreads = 128 * (1 + kComputeWarpGroups);
-// Registers per thread after setmaxnreg: the loader needs few; 2 x 232 + 40 <= 512 per lane.
+// Registers per thread after setmaxnreg: the loader needs few; 2 x 232 + 40 <= 3 x 168, what
+// the launch gives the CTA per lane.
 constexpr int kLoadRegisters = 40;
 constexpr int kComputeRegisters = 232;
 static_assert(sm90::register_split_fits(kThreads, kLoadRegisters, kComputeRegisters));

@@ -57,8 +57,9 @@ using namespace attention_sm90;
 constexpr int kHalf = kBlock / 2;  // keys per computing warpgroup
 constexpr int kStages = 4;         // (q, index_q) buffers of 64 rows; one gathering warp each
 constexpr int kThreads = 128 * 3;
-// 128 x 72 + 256 x 216 <= 65536 registers per SM. The gatherer (its rows' sources and info
-// across the stage wait, 2 x 32 cp.async a step) spills below 72; the compute side fits 216.
+// 128 x 72 + 256 x 216 <= 168 x 384 = 64512, what the launch gives the CTA. The gatherer (its
+// rows' sources and info across the stage wait, 2 x 32 cp.async a step) spills below 72; the
+// compute side fits 216.
 constexpr int kLoadRegisters = 72;
 constexpr int kComputeRegisters = 216;
 static_assert(sm90::register_split_fits(kThreads, kLoadRegisters, kComputeRegisters));
