@@ -27,8 +27,15 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 
+# jax / jaxlib fixed for the suite: its float32 comparisons against other frameworks sit near
+# their tolerances; under jax 0.10.2 (the newest the registry serves; 0.10.1 passes) one of
+# SmolLM2's 3.1M logits is 1.24e-4 from transformers' (tests/test_fetch_model.py asks 1e-4).
+# Not in the `test` extra: .ci/wheel_check.sh installs that extra beside the oldest and the
+# newest jax the package accepts.
+TEST_JAX ?= jax==0.10.1 jaxlib==0.10.1
+
 install: $(VENV)/bin/python
-	MSA_JAX_CUDA=$(MSA_JAX_CUDA) $(VENV)/bin/python -m pip install --quiet -e ".[test,examples,hf]"
+	MSA_JAX_CUDA=$(MSA_JAX_CUDA) $(VENV)/bin/python -m pip install --quiet -e ".[test,examples,hf]" $(TEST_JAX)
 
 # What the demo needs: the examples' dependencies, no torch (only tests/test_convert.py and
 # tests/test_fetch_model.py use it, through the `hf` extra that `make install` adds).
