@@ -57,7 +57,9 @@ def _prepare(op, q, k, v, index_q, index_k, q_offset, kv_length, segment_ids, im
     cfg = MSAConfig(**options)
     positions = pos_lib.canonicalize(q_offset, kv_length, segment_ids, batch=B, q_len=T, kv_len=S)
     platform = jax.default_backend()
-    call = CallInfo(op, B, T, S, Hq, Hkv, D, Di, str(q.dtype), index_dtype, segment_ids is not None, cfg, platform)
+    plain = pos_lib.is_plain_causal(q_offset, kv_length, segment_ids, q_len=T, kv_len=S)
+    call = CallInfo(op, B, T, S, Hq, Hkv, D, Di, str(q.dtype), index_dtype, segment_ids is not None, cfg, platform,
+                    plain_causal=plain)
     names = dispatch.resolve(implementation, platform)
     return q, k, v, index_q, index_k, cfg, positions, call, names
 
@@ -131,7 +133,7 @@ def sparse_attention(
         def body(q, k, v, index_q, index_k, q_offset, kv_length, segment_ids):
             p = Positions(q_offset, kv_length, segment_ids)
             bi = impl.select_blocks(_sg(index_q), _sg(index_k), p, cfg)
-            out, lse = autodiff.attention(impl, cfg, q, k, v, bi, *p)
+            out, lse = autodiff.main_branch(impl, cfg, call.plain_causal, q, k, v, bi, *p)
             kl = autodiff.kl_sum(impl, cfg, _sg(q), _sg(k), index_q, index_k, bi, _sg(lse), *p)
             return out, lse, bi, kl
 

@@ -28,6 +28,17 @@ def attention(impl, cfg: MSAConfig, q, k, v, block_indices, q_offset, kv_length,
     return impl.attention_fwd(q, k, v, block_indices, pos, cfg)
 
 
+def main_branch(impl, cfg: MSAConfig, plain_causal: bool, q, k, v, block_indices, q_offset, kv_length, segment_ids):
+    """`attention`, except in dense mode over plain causal positions, where the implementation
+    may serve it by a dense kernel with gradients of its own (`Implementation.dense_attention`)."""
+    if cfg.dense and plain_causal:
+        served = impl.dense_attention(q, k, v, cfg)
+        if served is not None:
+            out, lse = served
+            return checkpoint_name(out, OUT_NAME), checkpoint_name(lse, LSE_NAME)
+    return attention(impl, cfg, q, k, v, block_indices, q_offset, kv_length, segment_ids)
+
+
 def _attention_fwd(impl, cfg, q, k, v, block_indices, q_offset, kv_length, segment_ids):
     out, lse = attention(impl, cfg, q, k, v, block_indices, q_offset, kv_length, segment_ids)
     out, lse = checkpoint_name(out, OUT_NAME), checkpoint_name(lse, LSE_NAME)

@@ -140,6 +140,9 @@ class CallInfo:
     # index_q's dtype, or "float8_e4m3fn"); None for the contiguous ops.
     kv_cache_dtype: str | None = None
     index_cache_dtype: str | None = None
+    # Known before tracing: T == S, query i at key i, every key present, no packed documents
+    # (positions.is_plain_causal); dense mode may then run a library's dense causal kernel.
+    plain_causal: bool = False
 
     @property
     def group_size(self) -> int:

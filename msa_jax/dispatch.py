@@ -48,6 +48,13 @@ class Implementation:
         """(out [B, T, Hq, D] in q.dtype, lse float32 [B, T, Hq])."""
         raise NotImplementedError
 
+    def dense_attention(self, q, k, v, cfg):
+        """(out, lse) as `attention_fwd` gives them in dense mode, for plain causal positions
+        (T == S, query i at key i, no padding, one document: `CallInfo.plain_causal`), from a
+        dense attention kernel that carries its own gradients; or None (the default) to run
+        the main branch through attention_fwd / attention_bwd over every block."""
+        return None
+
     def attention_lse(self, q, k, block_indices, positions, cfg):
         """lse float32 [B, T, Hq] alone (the KL teacher's normaliser)."""
         raise NotImplementedError

@@ -13,9 +13,12 @@ formulation covers plain causal attention, chunked prefill and packed documents:
 
 from __future__ import annotations
 
+import numpy as np
+
 import jax
 import jax.numpy as jnp
 
+from . import validation
 from .config import Positions
 
 
@@ -31,6 +34,19 @@ def canonicalize(q_offset, kv_length, segment_ids, *, batch: int, q_len: int, kv
     if segment_ids is not None:
         segment_ids = jnp.asarray(segment_ids, jnp.int32)
     return Positions(q_offset, kv_length, segment_ids)
+
+
+def is_plain_causal(q_offset, kv_length, segment_ids, *, q_len: int, kv_len: int) -> bool:
+    """Whether validated position arguments are, before tracing, plain causal self-attention:
+    T == S, query i at key i (q_offset 0), every key present (kv_length S), one document."""
+
+    def known(x, want: int) -> bool:
+        if x is None:
+            return True
+        value = x if isinstance(x, int) else validation.concrete(x)
+        return value is not None and bool(np.all(np.asarray(value) == want))
+
+    return q_len == kv_len and segment_ids is None and known(q_offset, 0) and known(kv_length, kv_len)
 
 
 def doc_starts(segment_ids: jax.Array) -> jax.Array:

@@ -6,8 +6,9 @@ reference on the same inputs upcast to float32, for a random cotangent of both o
 for each gradient, at D 64 and 128, G 1, 3, 7, 8 and 16, bf16 and fp16, ragged rows with
 padding and multi-token decode, in both the default (atomic) and the deterministic mode.
 Also: keys of blocks no query selected get exactly zero dk and dv, the deterministic mode is
-bitwise repeatable, the dense warm-up mode's gradients, and the jitted gradient really runs
-the CUDA backward.
+bitwise repeatable, the dense warm-up mode's gradients (its main branch through cuDNN for
+plain causal positions, else through these kernels), and the jitted gradient really runs the
+CUDA backward.
 """
 
 from __future__ import annotations
@@ -132,16 +133,38 @@ def test_deterministic_mode_is_bitwise_repeatable(rng):
         assert_bitwise_equal(a, b, name)
 
 
-def test_dense_mode_gradients(rng):
-    """mode="dense" (indexer warm-up): the backward over every visible block."""
-    q, k, v, index_q, index_k, _, kw = _inputs(rng, (1, 2048, 2048, 16, 2, 128, "bfloat16", None, None))
-    w = jnp.asarray(rng.standard_normal(q.shape, np.float32))
+@pytest.mark.parametrize("route", ["cudnn", "blocks"])
+@pytest.mark.parametrize("case", [(1, 2048, 2048, 16, 2, 128, "bfloat16"), (2, 1536, 1536, 6, 2, 64, "float16")],
+                         ids=lambda c: "B{}T{}S{}Hq{}Hkv{}D{}-{}".format(*c))
+def test_dense_mode_gradients(rng, case, route):
+    """mode="dense" (indexer warm-up): gradients of out, lse and the KL against the reference.
+    With plain causal positions the main branch runs through cuDNN ("cudnn",
+    msa_jax/dense_cudnn.py, the lse's gradient added there); a q_offset known only at run time
+    (value 0) keeps it on the block-sparse kernels over every block ("blocks")."""
+    B, T, S, Hq, Hkv, D, dtype = case
+    q, k, v, _, _, _, kw = _inputs(rng, (*case, None, None))
+    index_q = jnp.asarray(rng.standard_normal((B, T, Hkv, 128), np.float32), q.dtype)
+    index_k = jnp.asarray(rng.standard_normal((B, S, 128), np.float32), q.dtype)
+    w_out, w_lse = _cotangents(rng, q)
+    q_offset = None if route == "cudnn" else jnp.zeros(B, jnp.int32)
     up = lambda x: x.astype(jnp.float32)
 
-    def loss(impl, q, k, v):
-        r = msa_jax.sparse_attention(q, k, v, index_q, index_k, top_k=4, mode="dense", implementation=impl, **kw)
-        return jnp.sum(r.out.astype(jnp.float32) * w)
+    def step(impl):
+        def loss(q, k, v, index_q, index_k, q_offset):
+            at = {} if q_offset is None else dict(q_offset=q_offset)
+            r = msa_jax.sparse_attention(q, k, v, index_q, index_k, top_k=4, mode="dense", implementation=impl,
+                                         **kw, **at)
+            return jnp.sum(r.out.astype(jnp.float32) * w_out) + jnp.sum(r.lse * w_lse) + r.kl_loss
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
 
-    got = jax.jit(jax.grad(functools.partial(loss, "cuda"), argnums=(0, 1, 2)))(q, k, v)
-    want = jax.jit(jax.grad(functools.partial(loss, "xla"), argnums=(0, 1, 2)))(up(q), up(k), up(v))
-    _check(got, want)
+    text = step("cuda").lower(q, k, v, index_q, index_k, q_offset).as_text()
+    cudnn = "__cudnn$fmhaSoftmax" in text, "__cudnn$fmhaSoftmaxBackward" in text
+    blocks = "msa_sparse_attention_partials" in text, "msa_sparse_attention_bwd" in text
+    assert (cudnn, blocks) == (((True, True), (False, False)) if route == "cudnn" else ((False, False), (True, True)))
+    assert "msa_kl_bwd" in text  # the KL stays on the CUDA KL kernels either way
+    got = step("cuda")(q, k, v, index_q, index_k, q_offset)
+    want = step("xla")(up(q), up(k), up(v), up(index_q), up(index_k), q_offset)
+    _check(got[:3], want[:3])
+    for name, a, b in zip(("d index_q", "d index_k"), got[3:], want[3:]):
+        cos, err = cosine(a, b), rel_err(a, b)
+        assert cos >= MIN_COSINE and err <= MAX_REL_ERR, f"{name}: cosine {cos:.5f}, relative error {err:.3g}"
