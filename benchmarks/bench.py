@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import gc
 import itertools
 import json
@@ -46,10 +47,10 @@ ROTATION_SETS = 3
 MIN_SAMPLE_S = 0.02
 MAX_CALLS_PER_SAMPLE = 100
 
-MSA_OPS = ("indexer", "sparse_fwd", "sparse_fwd_bwd", "msa_fwd", "msa_fwd_bwd_kl")
+MSA_OPS = ("indexer", "sparse_fwd", "sparse_fwd_bwd", "msa_fwd", "msa_fwd_bwd_kl", "msa_dense_fwd_bwd_kl")
 BASELINE_OPS = ("dense_fwd", "dense_fwd_bwd")
 # Backward ops are compared with dense forward+backward, forward ops with dense forward.
-BACKWARD_OPS = ("sparse_fwd_bwd", "msa_fwd_bwd_kl", "dense_fwd_bwd")
+BACKWARD_OPS = ("sparse_fwd_bwd", "msa_fwd_bwd_kl", "msa_dense_fwd_bwd_kl", "dense_fwd_bwd")
 # The arrays each op reads, in argument order.
 OP_INPUTS = {
     "indexer": ("index_q", "index_k"),
@@ -57,6 +58,7 @@ OP_INPUTS = {
     "sparse_fwd_bwd": ("q", "k", "v", "block_indices", "w"),
     "msa_fwd": ("q", "k", "v", "index_q", "index_k"),
     "msa_fwd_bwd_kl": ("q", "k", "v", "index_q", "index_k", "w"),
+    "msa_dense_fwd_bwd_kl": ("q", "k", "v", "index_q", "index_k", "w"),
     "dense_fwd": ("q", "k", "v"),
     "dense_fwd_bwd": ("q", "k", "v", "w"),
 }
@@ -72,6 +74,8 @@ FLOP_CONVENTIONS = {
     "msa_fwd": "indexer + sparse_fwd; times the prefill forward: only `out` is used, so the KL "
     "value, which nothing requests, is not computed",
     "msa_fwd_bwd_kl": "indexer + sparse_fwd_bwd (the KL loss and its gradient are not counted)",
+    "msa_dense_fwd_bwd_kl": "the dense warm-up's step (mode='dense'): indexer + dense_fwd_bwd (the KL over "
+    "every visible key is not counted)",
 }
 
 
@@ -173,6 +177,8 @@ def case_flops(op: str, cfg: Config, n: int, batch: int, support: int | None) ->
         return BWD_FACTOR * dense_fwd
     if op == "indexer":
         return indexer
+    if op == "msa_dense_fwd_bwd_kl":
+        return indexer + BWD_FACTOR * dense_fwd
     if support is None:
         return None
     sparse_fwd = 4.0 * cfg.group_size * cfg.head_dim * support
@@ -214,8 +220,8 @@ def op_function(op: str, impl: str, cfg: Config, deterministic: bool = False):
     def msa_fwd(q, k, v, index_q, index_k):
         return msa(q, k, v, index_q, index_k).out
 
-    def msa_loss(q, k, v, index_q, index_k, w):
-        res = msa(q, k, v, index_q, index_k)
+    def msa_loss(q, k, v, index_q, index_k, w, mode="sparse"):
+        res = msa_jax.sparse_attention(q, k, v, index_q, index_k, mode=mode, **msa_options)
         return weighted_sum(res.out, w) + res.kl_loss
 
     def dense_fwd(q, k, v):
@@ -230,6 +236,7 @@ def op_function(op: str, impl: str, cfg: Config, deterministic: bool = False):
         "sparse_fwd_bwd": jax.value_and_grad(sparse_loss, argnums=(0, 1, 2)),
         "msa_fwd": msa_fwd,
         "msa_fwd_bwd_kl": jax.value_and_grad(msa_loss, argnums=(0, 1, 2, 3, 4)),
+        "msa_dense_fwd_bwd_kl": jax.value_and_grad(functools.partial(msa_loss, mode="dense"), argnums=(0, 1, 2, 3, 4)),
         "dense_fwd": dense_fwd,
         "dense_fwd_bwd": jax.value_and_grad(dense_loss, argnums=(0, 1, 2)),
     }[op]

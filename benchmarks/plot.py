@@ -26,7 +26,8 @@ from readme_table import latest_cases, load_runs, n_label  # noqa: E402
 
 
 OP_COLORS = {"indexer": "tab:blue", "sparse_fwd": "tab:orange", "sparse_fwd_bwd": "tab:red",
-             "msa_fwd": "tab:green", "msa_fwd_bwd_kl": "tab:purple"}
+             "msa_fwd": "tab:green", "msa_fwd_bwd_kl": "tab:purple",
+             "msa_dense_fwd_bwd_kl": "tab:brown"}
 IMPL_STYLES = {"pallas": "-", "cuda": "--", "xla": ":"}
 
 

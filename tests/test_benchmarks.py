@@ -20,7 +20,7 @@ import msa_jax
 REPO = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO / "benchmarks"
 N = 256
-OPS = ("indexer", "sparse_fwd", "msa_fwd_bwd_kl")
+OPS = ("indexer", "sparse_fwd", "msa_fwd_bwd_kl", "msa_dense_fwd_bwd_kl")
 
 
 def _load(name):
@@ -97,6 +97,9 @@ def test_dense_and_indexer_flops(bench_run):
     assert _case(run, "xla", "dense_fwd")["flops"] == 2 * Hq * D * N**2
     assert _case(run, "xla", "dense_fwd_bwd")["flops"] == 2.5 * 2 * Hq * D * N**2
     assert _case(run, "xla", "indexer")["flops"] == Hkv * Di * N**2
+    dense_mode = _case(run, "xla", "msa_dense_fwd_bwd_kl")
+    assert dense_mode["flops"] == Hkv * Di * N**2 + 2.5 * 2 * Hq * D * N**2
+    assert dense_mode["speedup_vs"] == "dense_fwd_bwd" and dense_mode["support_size_sum"] is None
 
 
 def test_sparse_flops_match_brute_force_support(bench_run):
