@@ -275,7 +275,7 @@ def index_kl_loss(
     def serve(impl):
         def body(q, k, index_q, index_k, block_indices, q_offset, kv_length, segment_ids):
             p = Positions(q_offset, kv_length, segment_ids)
-            lse = impl.attention_lse(_sg(q), _sg(k), block_indices, p, cfg)
+            lse = autodiff.teacher_lse(impl, cfg, call.plain_causal, _sg(q), _sg(k), block_indices, p)
             return (autodiff.kl_sum(impl, cfg, _sg(q), _sg(k), index_q, index_k, block_indices, lse, *p),)
 
         return dispatch.shard_local(

@@ -39,6 +39,16 @@ def main_branch(impl, cfg: MSAConfig, plain_causal: bool, q, k, v, block_indices
     return attention(impl, cfg, q, k, v, block_indices, q_offset, kv_length, segment_ids)
 
 
+def teacher_lse(impl, cfg: MSAConfig, plain_causal: bool, q, k, block_indices, positions):
+    """The KL teacher's lse for `index_kl_loss` (q, k detached): as `main_branch` routes it
+    (a dense kernel's, k standing in for v), else `impl.attention_lse`."""
+    if cfg.dense and plain_causal:
+        served = impl.dense_attention(q, k, k, cfg)
+        if served is not None:
+            return served[1]
+    return impl.attention_lse(q, k, block_indices, positions, cfg)
+
+
 def _attention_fwd(impl, cfg, q, k, v, block_indices, q_offset, kv_length, segment_ids):
     out, lse = attention(impl, cfg, q, k, v, block_indices, q_offset, kv_length, segment_ids)
     out, lse = checkpoint_name(out, OUT_NAME), checkpoint_name(lse, LSE_NAME)

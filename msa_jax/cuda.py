@@ -103,12 +103,7 @@ class CudaImplementation(Implementation):
         # Dense mode's main branch through cuDNN (msa_jax/dense_cudnn.py), ~3x faster than
         # the block-sparse kernels with every block selected; the KL stays on the CUDA KL
         # kernels over every block, with cuDNN's lse as the teacher's normaliser.
-        if dense_cudnn.unavailable_reason(str(q.dtype)) is not None:
-            return None
-        try:
-            return dense_cudnn.attention(q, k, v, cfg.scale(q.shape[-1]))
-        except NotImplementedError:  # a shape cuDNN's flash attention does not take
-            return None
+        return dense_cudnn.serve(q, k, v, cfg.scale(q.shape[-1]))
 
     def attention_lse(self, q, k, block_indices, positions, cfg):
         # No lse-only kernel: the forward with k standing in for v, its output discarded

@@ -57,6 +57,17 @@ def unavailable_reason(dtype: str) -> str | None:
     return None
 
 
+def serve(q, k, v, scale: float):
+    """`attention(q, k, v, scale)` where cuDNN takes the call, else None (the caller's own
+    kernels serve it): an `Implementation.dense_attention` for implementations on a GPU."""
+    if jax.default_backend() != "gpu" or unavailable_reason(str(q.dtype)) is not None:
+        return None
+    try:
+        return attention(q, k, v, scale)
+    except NotImplementedError:  # a shape cuDNN's flash attention does not take
+        return None
+
+
 def _causal(q, k, v, scale: float, with_lse: bool):
     """cuDNN causal attention [B, T, H, D] (GQA: k, v with fewer heads); with_lse also gives
     the float32 lse [B, T, Hq]. Raises NotImplementedError for shapes cuDNN does not take."""

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from msa_jax import autodiff, dense_cudnn, dispatch
-from msa_jax.config import MSAConfig
+from msa_jax import pallas as pallas_impl
+from msa_jax.config import MSAConfig, Positions
 from msa_jax.positions import is_plain_causal
 
 B, T, HQ, HKV, D = 2, 48, 6, 2, 16
@@ -131,3 +132,25 @@ def test_main_branch_routes_dense_plain_calls_to_the_dense_kernel(mode, plain, s
     # whichever route served it, the result is the xla implementation's for that mode
     np.testing.assert_allclose(np.asarray(out), np.asarray(want[0]), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(lse), np.asarray(want[1]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode, plain, serve, want_calls", [("dense", True, True, 1), ("dense", False, True, 0)])
+def test_teacher_lse_routes_like_the_main_branch(mode, plain, serve, want_calls):
+    q, k, _, _, _ = _inputs(3)
+    cfg = MSAConfig(top_k=2, block_size=16, mode=mode)
+    bi = jnp.broadcast_to(jnp.array([2, 1], jnp.int32), (B, T, HKV, 2))
+    pos = Positions(jnp.zeros(B, jnp.int32), jnp.full(B, T, jnp.int32), None)
+    impl = _DenseStub(serve)
+    lse = autodiff.teacher_lse(impl, cfg, plain, q, k, bi, pos)
+    assert impl.calls == want_calls
+    want = dispatch.implementation("xla").attention_lse(q, k, bi, pos, cfg)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_no_cudnn_route_off_a_gpu():
+    """On CPU (and in Pallas's interpret mode) dense mode keeps the implementation's kernels."""
+    q, k, v, _, _ = _inputs(4)
+    cfg = MSAConfig(mode="dense")
+    assert dense_cudnn.serve(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), 0.25) is None
+    for interpret in (True, False):
+        assert pallas_impl.PallasImplementation(interpret).dense_attention(q, k, v, cfg) is None

@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 
 from ..config import CallInfo
-from .. import dispatch
+from .. import dense_cudnn, dispatch
 from ..dispatch import Implementation
 from ..kv_outer.worklist import dense_indices
 from .. import paged_cache
@@ -73,6 +73,10 @@ class PallasImplementation(Implementation):
     def attention_fwd(self, q, k, v, block_indices, positions, cfg):
         bi = self._indices(block_indices, k, cfg)
         return attention_fwd.attention_fwd(q, k, v, bi, positions, cfg, interpret=self.interpret)
+
+    def dense_attention(self, q, k, v, cfg):
+        # On a GPU (not in interpret mode) dense mode's attention goes through cuDNN, as cuda's.
+        return None if self.interpret else dense_cudnn.serve(q, k, v, cfg.scale(q.shape[-1]))
 
     def attention_lse(self, q, k, block_indices, positions, cfg):
         bi = self._indices(block_indices, k, cfg)
