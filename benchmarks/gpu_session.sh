@@ -23,8 +23,9 @@
 #   bench-A        bench.py, config A, every op, cuda and pallas (BENCH_IMPLS="cuda" for fewer), 8K / 32K / 128K
 #   bench-train    bench.py, config A, cuda, the training ops (sparse_fwd_bwd, msa_fwd_bwd_kl) against cuDNN's
 #                  dense fwd+bwd, 32K and 128K
-#   bench-dense    bench.py, config A, cuda, the dense warm-up's training op (msa_dense_fwd_bwd_kl:
-#                  mode="dense", main branch through cuDNN) against cuDNN's dense fwd+bwd, DENSE_N (8K, 32K)
+#   bench-dense    bench.py, config A, the dense warm-up's training op (msa_dense_fwd_bwd_kl: mode="dense",
+#                  main branch through cuDNN; the KL on cuda's kernels or pallas's dense_kl.py) against
+#                  cuDNN's dense fwd+bwd, DENSE_N (8K, 32K), DENSE_IMPLS (cuda pallas)
 #   bench-B        the same for config B (BENCH_OPS="indexer sparse_fwd msa_fwd": forward ops only)
 #   breakdown      the forward's stages (work list, kernel, combine) at 32K and 128K, config A
 #                  (BREAKDOWN_IMPLS="cuda" for fewer; ITEM_STEPS="32 64" sweeps cuda's work-item length)
@@ -184,7 +185,7 @@ for step in "$@"; do
       run bench-train python3 benchmarks/bench.py --config A --impl cuda --ops sparse_fwd_bwd msa_fwd_bwd_kl \
         --n 32768 131072 --baselines dense_fwd_bwd --repeats 5 --warmup 2 --time-limit 60 --out "$OUT" ;;
     bench-dense)
-      run bench-dense python3 benchmarks/bench.py --config A --impl cuda --ops msa_dense_fwd_bwd_kl \
+      run bench-dense python3 benchmarks/bench.py --config A --impl ${DENSE_IMPLS:-cuda pallas} --ops msa_dense_fwd_bwd_kl \
         --n ${DENSE_N:-8192 32768} --baselines dense_fwd_bwd --repeats 5 --warmup 2 --time-limit 60 --out "$OUT" ;;
     bench-1m)
       run bench-1m python3 benchmarks/bench.py --config A --impl cuda --ops indexer sparse_fwd msa_fwd \

@@ -134,7 +134,7 @@ def sparse_attention(
             p = Positions(q_offset, kv_length, segment_ids)
             bi = impl.select_blocks(_sg(index_q), _sg(index_k), p, cfg)
             out, lse = autodiff.main_branch(impl, cfg, call.plain_causal, q, k, v, bi, *p)
-            kl = autodiff.kl_sum(impl, cfg, _sg(q), _sg(k), index_q, index_k, bi, _sg(lse), *p)
+            kl = autodiff.kl_sum(impl, cfg, call.plain_causal, _sg(q), _sg(k), index_q, index_k, bi, _sg(lse), *p)
             return out, lse, bi, kl
 
         return dispatch.shard_local(
@@ -276,7 +276,8 @@ def index_kl_loss(
         def body(q, k, index_q, index_k, block_indices, q_offset, kv_length, segment_ids):
             p = Positions(q_offset, kv_length, segment_ids)
             lse = autodiff.teacher_lse(impl, cfg, call.plain_causal, _sg(q), _sg(k), block_indices, p)
-            return (autodiff.kl_sum(impl, cfg, _sg(q), _sg(k), index_q, index_k, block_indices, lse, *p),)
+            return (autodiff.kl_sum(impl, cfg, call.plain_causal, _sg(q), _sg(k), index_q, index_k, block_indices, lse,
+                                    *p),)
 
         return dispatch.shard_local(
             body, (q, k, index_q, index_k, block_indices, *pos), (_Q, _KV, _IQ, _IK, _BI, *_POS),

@@ -66,20 +66,33 @@ def _attention_bwd(impl, cfg, res, cotangents):
 attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def kl_sum(impl, cfg: MSAConfig, q, k, index_q, index_k, block_indices, lse, q_offset, kv_length, segment_ids):
-    """float32 scalar sum over valid (query, group) rows of KL(P || R); grads reach index_* only."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def kl_sum(impl, cfg: MSAConfig, plain_causal: bool, q, k, index_q, index_k, block_indices, lse, q_offset, kv_length,
+           segment_ids):
+    """float32 scalar sum over valid (query, group) rows of KL(P || R); grads reach index_* only.
+    plain_causal (CallInfo.plain_causal): in dense mode the implementation may run a KL over
+    the causal triangle without work lists (`Implementation.dense_kl_fwd`)."""
+    dense = _dense_kl(impl, cfg, plain_causal, q, k, index_q, index_k, lse)
+    if dense is not None:
+        return dense[0]
     pos = Positions(q_offset, kv_length, segment_ids)
     return impl.kl_value(q, k, index_q, index_k, block_indices, lse, pos, cfg)
 
 
-def _kl_fwd(impl, cfg, q, k, index_q, index_k, block_indices, lse, q_offset, kv_length, segment_ids):
-    pos = Positions(q_offset, kv_length, segment_ids)
-    value, saved = impl.kl_fwd(q, k, index_q, index_k, block_indices, lse, pos, cfg)
+def _dense_kl(impl, cfg, plain_causal, q, k, index_q, index_k, lse):
+    return impl.dense_kl_fwd(q, k, index_q, index_k, lse, cfg) if cfg.dense and plain_causal else None
+
+
+def _kl_fwd(impl, cfg, plain_causal, q, k, index_q, index_k, block_indices, lse, q_offset, kv_length, segment_ids):
+    value_saved = _dense_kl(impl, cfg, plain_causal, q, k, index_q, index_k, lse)
+    if value_saved is None:
+        pos = Positions(q_offset, kv_length, segment_ids)
+        value_saved = impl.kl_fwd(q, k, index_q, index_k, block_indices, lse, pos, cfg)
+    value, saved = value_saved
     return value, (q, k, index_q, index_k, block_indices, lse, q_offset, kv_length, segment_ids, saved)
 
 
-def _kl_bwd(impl, cfg, res, dkl):
+def _kl_bwd(impl, cfg, plain_causal, res, dkl):
     q, k, index_q, index_k, block_indices, lse, q_offset, kv_length, segment_ids, saved = res
     pos = Positions(q_offset, kv_length, segment_ids)
     d_iq, d_ik = impl.kl_bwd(q, k, index_q, index_k, block_indices, lse, pos, cfg, dkl, saved)

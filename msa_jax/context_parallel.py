@@ -195,7 +195,7 @@ def context_parallel_sparse_attention(
             for sl, p, bi in chunks:
                 iq = index_q[:, sl]
                 out, lse = autodiff.attention(impl, cfg, q[:, sl], k_all, v_all, bi, *p)
-                kl = autodiff.kl_sum(impl, cfg, _sg(q[:, sl]), _sg(k_all), iq, ik_all, bi, _sg(lse), *p)
+                kl = autodiff.kl_sum(impl, cfg, False, _sg(q[:, sl]), _sg(k_all), iq, ik_all, bi, _sg(lse), *p)
                 outs.append((out, lse, bi, kl))
             (o0, l0, b0, k0), (o1, l1, b1, k1) = outs
             cat = lambda a, b: jnp.concatenate([a, b], axis=1)  # noqa: E731

@@ -63,6 +63,12 @@ class Implementation:
         """(dq, dk, dv) in the dtypes of q, k, v."""
         raise NotImplementedError
 
+    def dense_kl_fwd(self, q, k, index_q, index_k, lse, cfg):
+        """kl_fwd's (value, saved) in dense mode over plain causal positions, from kernels that
+        walk the causal triangle without work lists; or None (the default) for kl_fwd over
+        every block. `saved` as kl_fwd's, for this implementation's kl_bwd."""
+        return None
+
     def kl_value(self, q, k, index_q, index_k, block_indices, lse, positions, cfg):
         """The float32 scalar sum over valid (query, group) rows of KL(P || R), unnormalised,
         when nothing differentiates it. Default: kl_fwd's value."""

@@ -246,6 +246,26 @@ class AutoSharded(Implementation):
         )
         return outs[0], jax.tree.unflatten(holder["tree"], outs[1:])
 
+    def dense_attention(self, q, k, v, cfg):
+        # What implementations serve it with, JAX's cuDNN attention, partitions itself and
+        # carries its own gradients: no shard_local_call around it (not run on several GPUs).
+        return self.inner.dense_attention(q, k, v, cfg)
+
+    def dense_kl_fwd(self, q, k, index_q, index_k, lse, cfg):
+        if jax.eval_shape(lambda *a: self.inner.dense_kl_fwd(*a, cfg), q, k, index_q, index_k, lse) is None:
+            return None  # the implementation has no such kernels for this call
+        saved_layouts = self.inner.kl_saved_layouts(q, k, index_q)
+        holder = {}
+
+        def f(q, k, iq, ik, lse):
+            value, saved = self.inner.dense_kl_fwd(q, k, iq, ik, lse, cfg)
+            leaves, holder["tree"] = jax.tree.flatten(saved)
+            return (value, *leaves)
+
+        outs = shard_local_call(f, (q, k, index_q, index_k, lse), (_Q, _KV, _IQ, _IK, _LSE), ("", *saved_layouts),
+                                summed={0: "BH"})
+        return outs[0], jax.tree.unflatten(holder["tree"], outs[1:])
+
     def kl_bwd(self, q, k, index_q, index_k, block_indices, lse, positions, cfg, dkl, saved):
         leaves, tree = jax.tree.flatten(saved)
         saved_layouts = self.inner.kl_saved_layouts(q, k, index_q)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from msa_jax import autodiff, dense_cudnn, dispatch
 from msa_jax import pallas as pallas_impl
 from msa_jax.config import MSAConfig, Positions
+from msa_jax.partitioning import AutoSharded
 from msa_jax.positions import is_plain_causal
 
 B, T, HQ, HKV, D = 2, 48, 6, 2, 16
@@ -128,6 +129,9 @@ def test_main_branch_routes_dense_plain_calls_to_the_dense_kernel(mode, plain, s
     impl = _DenseStub(serve)
     out, lse = autodiff.main_branch(impl, cfg, plain, q, k, v, bi, *pos)
     assert impl.calls == want_calls
+    # several devices: the dispatcher's partitioning wrapper passes the dense kernel through
+    autodiff.main_branch(AutoSharded(impl), cfg, plain, q, k, v, bi, *pos)
+    assert impl.calls == 2 * want_calls
     want = autodiff.attention(dispatch.implementation("xla"), cfg, q, k, v, bi, *pos)
     # whichever route served it, the result is the xla implementation's for that mode
     np.testing.assert_allclose(np.asarray(out), np.asarray(want[0]), rtol=1e-5, atol=1e-5)

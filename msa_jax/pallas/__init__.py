@@ -3,7 +3,11 @@
 select_blocks: fused indexer with exp-free running top-k (indexer.py).
 attention: KV-outer forward with slot partials merged by log-sum-exp (attention_fwd.py);
   KV-outer deterministic backward (attention_bwd.py).
-KL: two KV-outer passes, student log-sum-exp then loss and gradients (kl.py).
+KL: two KV-outer passes, student log-sum-exp then loss and gradients (kl.py); in dense mode
+  with plain causal positions, three passes over the causal triangle's query and key tiles
+  with no work list (dense_kl.py).
+Dense mode's attention with plain causal positions goes through cuDNN on a GPU
+  (msa_jax/dense_cudnn.py).
 Paged caches: an index scan over the pages with fused top-k, split over the sequence, and
   a merge of the partial lists (paged_indexer.py, any T); up to common.DECODE_MAX_Q queries
   per row (decode, multi-token prediction), sparse decode attention with the G heads of a
@@ -23,7 +27,7 @@ from .. import dense_cudnn, dispatch
 from ..dispatch import Implementation
 from ..kv_outer.worklist import dense_indices
 from .. import paged_cache
-from . import attention_bwd, attention_fwd, common, indexer, kl, paged_attention, paged_indexer
+from . import attention_bwd, attention_fwd, common, dense_kl, indexer, kl, paged_attention, paged_indexer
 
 _POW2 = (16, 32, 64, 128, 256)
 
@@ -94,6 +98,9 @@ class PallasImplementation(Implementation):
 
     def kl_fwd(self, q, k, index_q, index_k, block_indices, lse, positions, cfg):
         return kl.kl_fwd(q, k, index_q, index_k, block_indices, lse, positions, cfg, interpret=self.interpret)
+
+    def dense_kl_fwd(self, q, k, index_q, index_k, lse, cfg):
+        return dense_kl.kl_fwd(q, k, index_q, index_k, lse, cfg, interpret=self.interpret)
 
     def kl_bwd(self, q, k, index_q, index_k, block_indices, lse, positions, cfg, dkl, saved):
         return dispatch.scale_saved_kl_gradients(index_q, index_k, dkl, saved)
