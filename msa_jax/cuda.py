@@ -34,7 +34,7 @@ _STEP_ROWS = 64  # matrix rows per step of the attention kernel (query tokens x 
 # Steps per work item: one K/V tile load serves up to 64 x 64 rows. 64 ran the kernel 4% faster
 # than 32 at 32K and 128K (config A, H200; benchmarks/results/logs/h200-20261202-breakdown.log).
 _ITEM_STEPS = 64
-# The KL kernel reduces a token's G rows within one warp (cuda/kernels/kl_sm90.cuh, kMaxGroup)
+# The KL kernel reduces a token's G rows within one warp (cuda/kernels/kl_sm90_common.cuh, kMaxGroup)
 # and reads the index heads in q's dtype; for larger G, or index heads in another dtype, the KL
 # passes are Pallas's (the rest of the op stays CUDA).
 _KL_MAX_GROUP = 16
