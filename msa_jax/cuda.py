@@ -101,8 +101,8 @@ class CudaImplementation(Implementation):
 
     def dense_attention(self, q, k, v, cfg):
         # Dense mode's main branch through cuDNN (msa_jax/dense_cudnn.py), ~3x faster than
-        # the block-sparse kernels with every block selected; the KL stays on the CUDA KL
-        # kernels over every block, with cuDNN's lse as the teacher's normaliser.
+        # the block-sparse kernels with every block selected; cuDNN's lse is the KL teacher's
+        # normaliser (dense_kl_fwd).
         return dense_cudnn.serve(q, k, v, cfg.scale(q.shape[-1]))
 
     def attention_lse(self, q, k, block_indices, positions, cfg):
@@ -116,6 +116,20 @@ class CudaImplementation(Implementation):
             block_indices = dense_indices(block_indices, k.shape[1], cfg.block_size)
         return _backward(q, k, v, block_indices, positions, out, lse, dout, dlse, scale=cfg.scale(q.shape[-1]),
                          block_size=cfg.block_size, deterministic=cfg.deterministic)
+
+    def dense_kl_fwd(self, q, k, index_q, index_k, lse, cfg):
+        """The KL over the causal triangle without work lists (cuda/kernels/dense_kl_sm90.cuh),
+        the student's lse from cuDNN. Not with deterministic=True (d index_q is summed by
+        atomics) nor where the KL needs Pallas's kernels: kl_fwd over every block serves those."""
+        if cfg.deterministic or _kl_needs_pallas(q, k, index_q):
+            return None
+        ilse = dense_cudnn.causal_lse(index_q, index_k, cfg.index_scale(index_q.shape[-1]))
+        if ilse is None:
+            return None
+        ffi.register_targets()
+        value, d_iq, d_ik = ops.dense_kl(q, k, lse, index_q, index_k, ilse, softmax_scale=cfg.scale(q.shape[-1]),
+                                         index_softmax_scale=cfg.index_scale(index_q.shape[-1]))
+        return jnp.sum(value), (d_iq, d_ik)
 
     def kl_value(self, q, k, index_q, index_k, block_indices, lse, positions, cfg):
         if _kl_needs_pallas(q, k, index_q):

@@ -68,6 +68,19 @@ def serve(q, k, v, scale: float):
         return None
 
 
+def causal_lse(q, k, scale: float):
+    """float32 [B, T, H] log-sum-exp of causal scores q kᵀ (k [B, T, Di], shared by q's heads)
+    from cuDNN, or None where cuDNN does not take the call: the KL student's ilse in dense mode
+    (index_q, index_k), its output discarded. Not differentiated."""
+    if jax.default_backend() != "gpu" or unavailable_reason(str(q.dtype)) is not None:
+        return None
+    kk = k[:, :, None, :]
+    try:
+        return jax.lax.stop_gradient(_causal(q, kk, kk, scale, with_lse=True)[1])
+    except NotImplementedError:
+        return None
+
+
 def _causal(q, k, v, scale: float, with_lse: bool):
     """cuDNN causal attention [B, T, H, D] (GQA: k, v with fewer heads); with_lse also gives
     the float32 lse [B, T, Hq]. Raises NotImplementedError for shapes cuDNN does not take."""

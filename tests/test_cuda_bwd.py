@@ -161,7 +161,8 @@ def test_dense_mode_gradients(rng, case, route):
     cudnn = "__cudnn$fmhaSoftmax" in text, "__cudnn$fmhaSoftmaxBackward" in text
     blocks = "msa_sparse_attention_partials" in text, "msa_sparse_attention_bwd" in text
     assert (cudnn, blocks) == (((True, True), (False, False)) if route == "cudnn" else ((False, False), (True, True)))
-    assert "msa_kl_bwd" in text  # the KL stays on the CUDA KL kernels either way
+    # The KL: over the causal triangle without work lists where cuDNN serves, else the work-list passes.
+    assert ("msa_dense_kl" in text, "msa_kl_bwd" in text) == ((True, False) if route == "cudnn" else (False, True))
     got = step("cuda")(q, k, v, index_q, index_k, q_offset)
     want = step("xla")(up(q), up(k), up(v), up(index_q), up(index_k), q_offset)
     _check(got[:3], want[:3])

@@ -8,7 +8,8 @@ Di 64 and 128, G 1, 2, 3, 4, 5, 7, 8, 16 and 32 (the last through Pallas's KL), 
 fp16, ragged rows with padding and multi-token decode, in both the atomic and the
 deterministic mode. Under differentiation the value comes from the student-only pass and the
 gradient pass (kl_fwd); the value alone, from the value pass, is checked on the same cases.
-Also: dense mode, bitwise repeatable deterministic gradients, sparse_attention's training step
+Also: dense mode (the work-list passes for ragged positions, cuda/kernels/dense_kl_sm90.cuh over
+the causal triangle for plain causal ones), bitwise repeatable deterministic gradients, sparse_attention's training step
 runs the student and gradient passes once each (no value pass, none of Pallas's kernels), and
 no KL kernel runs when nothing asks for the loss.
 """
@@ -142,10 +143,42 @@ def test_index_heads_in_another_dtype_take_pallas_kl(rng):
 
 
 def test_dense_mode(rng):
-    """mode="dense" (indexer warm-up): the KL over every visible key."""
-    q, k, index_q, index_k, bi, kw = _inputs(rng, (1, 2048, 2048, 16, 2, 128, 128, "bfloat16", None, None))
+    """mode="dense" (indexer warm-up) with a ragged q_offset / kv_length: the work-list KL
+    over every visible key."""
+    case = (2, 1000, 2048, 16, 2, 128, 128, "bfloat16", (1048, 300), (2048, 1300))
+    q, k, index_q, index_k, bi, kw = _inputs(rng, case)
     got = _value_and_grads("cuda", q, k, index_q, index_k, bi, kw, mode="dense")
     _check(got, _reference(q, k, index_q, index_k, bi, kw, mode="dense"))
+
+
+# (B, T, Hq, Hkv, D, Di, dtype), plain causal positions (T == S, no offsets).
+DENSE_CASES = (
+    (1, 2048, 2, 2, 128, 128, "bfloat16"),  # G = 1
+    (1, 1000, 6, 2, 64, 128, "bfloat16"),  # G = 3, a partial last key tile and query tile
+    (2, 1500, 32, 2, 128, 64, "float16"),  # G = 16, fp16, Di 64, two batch rows
+    (1, 700, 14, 2, 128, 128, "bfloat16"),  # G = 7
+    (1, 300, 8, 1, 64, 64, "float16"),  # G = 8, D and Di 64
+    (1, 4096, 64, 4, 128, 128, "bfloat16"),  # config A's heads
+)
+
+
+@pytest.mark.parametrize("case", DENSE_CASES, ids=lambda c: "B{}T{}Hq{}Hkv{}D{}Di{}-{}".format(*c))
+def test_dense_kl_kernel_matches_reference(rng, case):
+    """Dense mode over plain causal positions: the KL over the causal triangle without work
+    lists (cuda/kernels/dense_kl_sm90.cuh, the student's lse from cuDNN), value and gradients
+    against the reference; the value alone too; deterministic=True keeps the work-list passes."""
+    B, T, Hq, Hkv, D, Di, dtype = case
+    q, k, index_q, index_k, bi, kw = _inputs(rng, (B, T, T, Hq, Hkv, D, Di, dtype, None, None))
+    loss = lambda det: lambda iq, ik, q, k, bi: msa_jax.index_kl_loss(
+        q, k, iq, ik, bi, mode="dense", deterministic=det, implementation="cuda", **kw)
+    text = jax.jit(jax.value_and_grad(loss(False), argnums=(0, 1))).lower(index_q, index_k, q, k, bi).as_text()
+    assert "msa_dense_kl" in text and "msa_kl_bwd" not in text and "msa_kl_partials" not in text
+    text = jax.jit(jax.value_and_grad(loss(True), argnums=(0, 1))).lower(index_q, index_k, q, k, bi).as_text()
+    assert "msa_dense_kl" not in text and "msa_kl_bwd" in text
+    want = _reference(q, k, index_q, index_k, bi, kw, mode="dense")
+    _check(_value_and_grads("cuda", q, k, index_q, index_k, bi, kw, mode="dense"), want)
+    value = jax.jit(loss(False))(index_q, index_k, q, k, bi)
+    assert abs(float(value) - float(want[0])) <= MAX_VALUE_REL_ERR * abs(float(want[0])), (float(value), float(want[0]))
 
 
 def test_deterministic_mode_is_bitwise_repeatable(rng):

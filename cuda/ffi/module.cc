@@ -34,6 +34,7 @@ nb::dict Registrations() {
   targets["msa_sparse_attention_bwd"] = EncapsulateFfiHandler(MsaSparseAttentionBwd);
   targets["msa_kl_partials"] = EncapsulateFfiHandler(MsaKLPartials);
   targets["msa_kl_bwd"] = EncapsulateFfiHandler(MsaKLBwd);
+  targets["msa_dense_kl"] = EncapsulateFfiHandler(MsaDenseKL);
   return targets;
 }
 

@@ -19,7 +19,8 @@ SPARSE_ATTENTION_PARTIALS = "msa_sparse_attention_partials"
 SPARSE_ATTENTION_BWD = "msa_sparse_attention_bwd"
 KL_PARTIALS = "msa_kl_partials"
 KL_BWD = "msa_kl_bwd"
-TARGETS = (SELECT_BLOCKS, SPARSE_ATTENTION_PARTIALS, SPARSE_ATTENTION_BWD, KL_PARTIALS, KL_BWD)
+DENSE_KL = "msa_dense_kl"
+TARGETS = (SELECT_BLOCKS, SPARSE_ATTENTION_PARTIALS, SPARSE_ATTENTION_BWD, KL_PARTIALS, KL_BWD, DENSE_KL)
 
 
 def select_blocks(index_q, index_k, q_offset, kv_length, doc, *, top_k: int, block_size: int,
@@ -160,3 +161,29 @@ def kl_bwd(q, k, lse, index_q, index_k, ilse, last_visible, work, *, q_base: int
                 work.item_tile, q_base=np.int32(q_base), top_k=np.int32(top_k), block_size=np.int32(block_size),
                 softmax_scale=np.float32(softmax_scale), index_softmax_scale=np.float32(index_softmax_scale),
                 deterministic=bool(deterministic))
+
+
+def dense_kl(q, k, lse, index_q, index_k, ilse, *, softmax_scale: float, index_softmax_scale: float):
+    """The KL over every visible key in dense mode with plain causal positions (T == S, query t
+    at key t, every key present, one document), for dkl = 1, without work lists (target
+    "msa_dense_kl").
+
+    Args:
+      q: [B, T, Hq, D]; k: [B, T, Hkv, D]; index_q: [B, T, Hkv, Di]; index_k: [B, T, Di]; one
+        dtype, bf16 or fp16.
+      lse: float32 [B, T, Hq], the teacher's log-sum-exp over keys 0..t; ilse: float32
+        [B, T, Hkv], the student's.
+      softmax_scale, index_softmax_scale: the spec's s and si.
+
+    Returns:
+      (value [B, Hkv, ceil(T / 128)], d_index_q [B, T, Hkv, Di], d_index_k [B, T, Hkv, Di]),
+      float32: the value's shares per key tile (their sum is the unnormalised KL sum) and the
+      gradients for dkl = 1, d_index_k per kv head (the caller sums over Hkv).
+    """
+    B, T, Hkv, Di = index_q.shape
+    out = (jax.ShapeDtypeStruct((B, Hkv, -(-T // 128)), jnp.float32),
+           jax.ShapeDtypeStruct((B, T, Hkv, Di), jnp.float32),
+           jax.ShapeDtypeStruct((B, T, Hkv, Di), jnp.float32))
+    call = jax.ffi.ffi_call(DENSE_KL, out, vmap_method="sequential")
+    return call(q, k, lse.astype(jnp.float32), index_q, index_k, ilse.astype(jnp.float32),
+                softmax_scale=np.float32(softmax_scale), index_softmax_scale=np.float32(index_softmax_scale))

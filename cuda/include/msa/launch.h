@@ -29,4 +29,9 @@ cudaError_t launch_attention_bwd_sm90(const AttentionBwdParams& params, ElementT
 bool kl_sm90_supports(int head_dim, int index_head_dim, int block_size, int group);
 cudaError_t launch_kl_sm90(const KLParams& params, ElementType dtype, cudaStream_t stream);
 
+// Which (D, Di, G) the SM90 dense-mode KL is compiled for (dense_kl_sm90.cuh); one dtype for all
+// four main and index tensors.
+bool dense_kl_sm90_supports(int head_dim, int index_head_dim, int group);
+cudaError_t launch_dense_kl_sm90(const DenseKLParams& params, ElementType dtype, cudaStream_t stream);
+
 }  // namespace msa

@@ -129,4 +129,34 @@ struct KLParams : KVOuterParams {
   bool deterministic;
 };
 
+// The KL over every visible key in dense mode with plain causal positions (T == S, query t at
+// key t, every key present, one document): no work list (cuda/kernels/dense_kl_sm90.cuh).
+// Inputs: q [B, T, Hq, D], k [B, T, Hkv, D], index_q [B, T, Hkv, Di], index_k [B, T, Di] (one
+// dtype, bf16 or fp16), lse [B, T, Hq] f32 (the teacher's, finite), ilse [B, T, Hkv] f32 (the
+// student's over keys 0..t, finite). For dkl = 1, float32:
+//   d_index_q [B, T, Hkv, Di]: atomic sums over key tiles, zeroed by the caller;
+//   d_index_k [B, T, Hkv, Di]: written whole (each key and kv head by one CTA), per kv head
+//     (the caller sums the heads);
+//   value [B, Hkv, ceil(T / 128)]: each CTA's share of the sum of KL(P̄ || R) over its keys,
+//     written whole (the caller sums them).
+struct DenseKLParams {
+  const void* q;
+  const void* k;
+  const void* index_q;
+  const void* index_k;
+  const float* lse;
+  const float* ilse;
+  float* d_index_q;
+  float* d_index_k;
+  float* value;
+  int batch;           // B
+  int seq_len;         // T == S
+  int num_q_heads;     // Hq
+  int num_kv_heads;    // Hkv
+  int head_dim;        // D
+  int index_head_dim;  // Di
+  float softmax_scale;        // s > 0
+  float index_softmax_scale;  // si > 0
+};
+
 }  // namespace msa
