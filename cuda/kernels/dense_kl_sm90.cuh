@@ -231,21 +231,11 @@ __global__ void __launch_bounds__(kThreads, 1) dense_kl_kernel(const __grid_cons
 
   typename Cfg::MmaDIQ mma_diq;
   typename Cfg::MmaDIK mma_dik;
-  auto thr_diq = mma_diq.get_thread_slice(thread);
-  auto thr_dik = mma_dik.get_thread_slice(thread);
-  Element* du_base = smem.du.data() + half * cosize_v<typename Cfg::SmemLayoutDUt>;
-  Tensor sDUt = make_tensor(make_smem_ptr(du_base), typename Cfg::SmemLayoutDUt{});  // (keys, queries)
-  Tensor sDU = make_tensor(make_smem_ptr(du_base), typename Cfg::SmemLayoutDU{});    // (queries, keys)
-  Tensor sIKt = make_tensor(make_smem_ptr(smem.ik.data()), typename Cfg::SmemLayoutIKt{})(_, _, half);
-  Tensor sIQt = make_tensor(make_smem_ptr(smem.iq.data()), typename Cfg::SmemLayoutIQt{});
-  Tensor tDIQrDU = thr_diq.make_fragment_A(thr_diq.partition_A(sDU));    // (MMA, MMA_M, MMA_K)
-  Tensor tDIQrIKt = thr_diq.make_fragment_B(thr_diq.partition_B(sIKt));  // (MMA, MMA_N, MMA_K)
-  Tensor tDIKrDUt = thr_dik.make_fragment_A(thr_dik.partition_A(sDUt));  // (MMA, MMA_M, MMA_K)
-  Tensor tDIKrIQt = thr_dik.make_fragment_B(thr_dik.partition_B(sIQt));  // (MMA, MMA_N, MMA_K, buffers)
-  Tensor coord_iq = thr_diq.partition_C(make_identity_tensor(Shape<Int<kRows>, Int<kDi>>{}));
-  Tensor ciq = make_tensor(coord_iq.data(), sm90::acc_rows_by_cols(coord_iq.layout()));
-  Tensor coord_ik = thr_dik.partition_C(make_identity_tensor(Shape<Int<kHalf>, Int<kDi>>{}));
-  Tensor cik = make_tensor(coord_ik.data(), sm90::acc_rows_by_cols(coord_ik.layout()));
+  auto products = student_product_fragments<Cfg>(smem, half, thread);
+  Tensor sDU = make_tensor(make_smem_ptr(smem.du.data() + half * cosize_v<typename Cfg::SmemLayoutDUt>),
+                           typename Cfg::SmemLayoutDU{});  // (rows, keys): du is written here
+  auto& ciq = get<4>(products);
+  auto& cik = get<5>(products);
   Tensor acc_dik = partition_fragment_C(mma_dik, Shape<Int<kHalf>, Int<kDi>>{});
   clear(acc_dik);
   mma_dik.accumulate_ = GMMA::ScaleOut::One;
@@ -357,18 +347,7 @@ __global__ void __launch_bounds__(kThreads, 1) dense_kl_kernel(const __grid_cons
     cutlass::arch::fence_view_async_shared();
     warpgroup_sync.arrive_and_wait();
     Tensor acc_diq = partition_fragment_C(mma_diq, Shape<Int<kRows>, Int<kDi>>{});
-    warpgroup_fence_operand(acc_diq);
-    warpgroup_fence_operand(acc_dik);
-    warpgroup_arrive();
-    CUTE_UNROLL
-    for (int kb = 0; kb < size<2>(tDIKrDUt); ++kb) {
-      cute::gemm(mma_dik, tDIKrDUt(_, _, kb), tDIKrIQt(_, _, kb, buf), acc_dik);
-    }
-    gemm_overwrite(mma_diq, tDIQrDU, tDIQrIKt, acc_diq);
-    warpgroup_commit_batch();
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(acc_diq);
-    warpgroup_fence_operand(acc_dik);
+    student_products(mma_dik, mma_diq, products, buf, acc_dik, acc_diq);
     cutlass::arch::ClusterBarrier::arrive(&smem.iq_empty[buf]);
 
     // This half's share of the rows' d index_q, scaled, added to each row that exists.
@@ -377,11 +356,7 @@ __global__ void __launch_bounds__(kThreads, 1) dense_kl_kernel(const __grid_cons
     for (int r = 0; r < 2; ++r) {
       const int query = t0 + my_row[r];
       if (query >= T) continue;
-      float* out = p.d_index_q + ((int64_t(b) * T + query) * p.num_kv_heads + g) * kDi;
-      CUTE_UNROLL
-      for (int j = 0; j < size<1>(diq); j += 2) {
-        add_pair(out + get<1>(ciq(r, j)), iscale * diq(r, j), iscale * diq(r, j + 1));
-      }
+      add_row_share(p.d_index_q + ((int64_t(b) * T + query) * p.num_kv_heads + g) * kDi, diq, ciq, r, iscale);
     }
   }
 

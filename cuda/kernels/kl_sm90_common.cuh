@@ -404,4 +404,57 @@ __device__ __forceinline__ auto teacher_student_fragments(typename Cfg::SharedSt
                           make_tensor(coord.data(), sm90::acc_rows_by_cols(coord.layout())));
 }
 
+// The student products of both gradient kernels (kl_grad_kernel, dense_kl_kernel): d index_k +=
+// duᵀ IQ and this half's d index_q share du Ki, over the warpgroup's du buffer (written as (rows,
+// keys), read as both A operands), the index_q buffers and this half's index keys. Returns (A
+// and B of d index_q, A and B (per index_q buffer) of d index_k, the (row, Di) coordinates of
+// d index_q's and d index_k's accumulators).
+template <class Cfg>
+__device__ __forceinline__ auto student_product_fragments(typename Cfg::SharedStorage& smem, int half, int thread) {
+  auto thr_diq = typename Cfg::MmaDIQ{}.get_thread_slice(thread);
+  auto thr_dik = typename Cfg::MmaDIK{}.get_thread_slice(thread);
+  auto* du_base = smem.du.data() + half * cosize_v<typename Cfg::SmemLayoutDUt>;
+  Tensor sDUt = make_tensor(make_smem_ptr(du_base), typename Cfg::SmemLayoutDUt{});  // (keys, rows)
+  Tensor sDU = make_tensor(make_smem_ptr(du_base), typename Cfg::SmemLayoutDU{});    // (rows, keys)
+  Tensor sIKt = make_tensor(make_smem_ptr(smem.ik.data()), typename Cfg::SmemLayoutIKt{})(_, _, half);
+  Tensor sIQt = make_tensor(make_smem_ptr(smem.iq.data()), typename Cfg::SmemLayoutIQt{});
+  Tensor coord_iq = thr_diq.partition_C(make_identity_tensor(Shape<Int<kRows>, Int<Cfg::kDi>>{}));
+  Tensor coord_ik = thr_dik.partition_C(make_identity_tensor(Shape<Int<kHalf>, Int<Cfg::kDi>>{}));
+  return cute::make_tuple(thr_diq.make_fragment_A(thr_diq.partition_A(sDU)),    // (MMA, MMA_M, MMA_K)
+                          thr_diq.make_fragment_B(thr_diq.partition_B(sIKt)),   // (MMA, MMA_N, MMA_K)
+                          thr_dik.make_fragment_A(thr_dik.partition_A(sDUt)),   // (MMA, MMA_M, MMA_K)
+                          thr_dik.make_fragment_B(thr_dik.partition_B(sIQt)),   // (MMA, MMA_N, MMA_K, buffers)
+                          make_tensor(coord_iq.data(), sm90::acc_rows_by_cols(coord_iq.layout())),
+                          make_tensor(coord_ik.data(), sm90::acc_rows_by_cols(coord_ik.layout())));
+}
+
+// acc_dik += duᵀ IQ (index_q buffer `buf`) and acc_diq = du Ki, issued and waited for; du must
+// be complete in shared memory and fenced for the async proxy.
+template <class MmaDIK, class MmaDIQ, class Fragments, class AccDIK, class AccDIQ>
+__device__ __forceinline__ void student_products(MmaDIK& mma_dik, MmaDIQ& mma_diq, const Fragments& f, int buf,
+                                                 AccDIK& acc_dik, AccDIQ& acc_diq) {
+  warpgroup_fence_operand(acc_diq);
+  warpgroup_fence_operand(acc_dik);
+  warpgroup_arrive();
+  CUTE_UNROLL
+  for (int kb = 0; kb < size<2>(get<2>(f)); ++kb) {
+    cute::gemm(mma_dik, get<2>(f)(_, _, kb), get<3>(f)(_, _, kb, buf), acc_dik);
+  }
+  gemm_overwrite(mma_diq, get<0>(f), get<1>(f), acc_diq);
+  warpgroup_commit_batch();
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(acc_diq);
+  warpgroup_fence_operand(acc_dik);
+}
+
+// Row r of a d index_q share (diq and its coordinates ciq in the (rows, cols) view), scaled,
+// added to `out`, the row's Di floats.
+template <class Acc, class Coord>
+__device__ __forceinline__ void add_row_share(float* out, const Acc& diq, const Coord& ciq, int r, float scale) {
+  CUTE_UNROLL
+  for (int j = 0; j < size<1>(diq); j += 2) {
+    add_pair(out + get<1>(ciq(r, j)), scale * diq(r, j), scale * diq(r, j + 1));
+  }
+}
+
 }  // namespace msa::kl_sm90
