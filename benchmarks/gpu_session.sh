@@ -7,7 +7,7 @@
 # Steps, in the order given; each writes its log under $OUT and a failing step does not stop
 # the later ones (the exit status is the number of failed steps). At most 8 files come back
 # from $OUT (the device README's limits): build, test-cuda and bench-* write 1-2 each, train-32k
-# 4 and sanitize 4, so split a call that would write more (a train-32k metrics file was lost so):
+# 4 and sanitize 6, so split a call that would write more (a train-32k metrics file was lost so):
 #   build          the CUDA extension for sm_90a into the device's Python (editable install)
 #   test-cuda      pytest -m gpu of the cuda implementation (forward, backward, KL, packed documents) and the extension loader
 #   test-wheel     the same tests (every test of both files, TEST_K to narrow them) against an
@@ -18,7 +18,8 @@
 #   test-pallas    pytest -m gpu of the Pallas scale tests (issue #4's acceptance at 4K / 32K)
 #   test-pallas-suite  the whole conformance suite against pallas on the GPU (TestPallasGPU)
 #   sanitize       compute-sanitizer memcheck and racecheck on a small case of each CUDA kernel, the
-#                  packed-documents case in a second process (SANITIZE_TOOLS: which tools)
+#                  packed-documents case and the dense-mode KL case in processes of their own
+#                  (SANITIZE_TOOLS: which tools; SANITIZE_PARTS: which of unpacked, packed, dense)
 #   bench-indexer  bench.py, config A, indexer only, cuda and pallas, 8K / 32K / 128K
 #   bench-A        bench.py, config A, every op, cuda and pallas (BENCH_IMPLS="cuda" for fewer), 8K / 32K / 128K
 #   bench-train    bench.py, config A, cuda, the training ops (sparse_fwd_bwd, msa_fwd_bwd_kl) against cuDNN's
@@ -36,7 +37,8 @@
 #                  in msa_fwd_bwd_kl, config A, 32K
 #   train-32k      issue #3's measurement: the GPU preset's train step at 32K tokens, MSA with
 #                  implementation="cuda" (2 dense warm-up steps, then sparse) and the same model with
-#                  dense cuDNN attention, one metrics JSON each (tokens/s per mode, first step excluded)
+#                  dense cuDNN attention, one metrics JSON each (tokens/s per mode, first step excluded);
+#                  TRAIN_STEPS / TRAIN_WARMUP_STEPS (12 / 2): more dense steps to time the warm-up
 #   bench-1m       config A at 1M tokens, cuda: indexer, sparse forward, MSA forward (with XLA's
 #                  memory plan of each) against one cuDNN dense forward
 #   bench-1m-train config A at 1M tokens, cuda: msa_fwd_bwd_kl alone (with XLA's memory plan; no dense baseline)
@@ -114,6 +116,18 @@ for det in (False, True):
     grads = jax.grad(packed, argnums=(0, 1, 2, 3, 4))(*xs)
     print("packed", det, [float(jnp.abs(g.astype(jnp.float32)).sum()) for g in grads])'
 
+# Dense mode over plain causal positions: the KL over the causal triangle without work lists
+# (dense_kl_sm90.cuh; the student's lse and the teacher's from cuDNN), G 4, a partial last tile.
+sanitize_dense_case='
+import numpy as np, jax, jax.numpy as jnp, msa_jax
+r = np.random.default_rng(0)
+n = lambda *s: jnp.asarray(r.standard_normal(s), jnp.bfloat16)
+q, k, iq, ik = n(2, 300, 8, 128), n(2, 300, 2, 128), n(2, 300, 2, 64), n(2, 300, 64)
+bi = jnp.zeros((2, 300, 2, 1), jnp.int32)  # dense mode reads no selection
+kl = lambda a, b: msa_jax.index_kl_loss(q, k, a, b, bi, block_size=128, mode="dense", implementation="cuda")
+value, (diq, dik) = jax.value_and_grad(kl, argnums=(0, 1))(iq, ik)
+print("dense kl", float(value), float(jnp.abs(diq.astype(jnp.float32)).sum()), float(jnp.abs(dik.astype(jnp.float32)).sum()))'
+
 # pytest of the installed wheel, from outside the checkout (a subshell: the cd stays inside).
 repo=$PWD
 wheel_tests() (
@@ -144,8 +158,9 @@ for step in "$@"; do
     sanitize)
       # SANITIZE_TOOLS: fewer tools (e.g. "memcheck").
       for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
-        for part in unpacked packed; do
+        for part in ${SANITIZE_PARTS:-unpacked packed dense}; do
           case_src=$sanitize_case; [ $part = packed ] && case_src=$sanitize_packed_case
+          [ $part = dense ] && case_src=$sanitize_dense_case
           run "sanitize-$tool-$part" env XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false \
             compute-sanitizer --tool "$tool" --error-exitcode 1 python3 -c "$case_src"
         done
@@ -178,7 +193,8 @@ for step in "$@"; do
       for variant in "msa --implementation cuda" "dense-cudnn"; do
         name=train-32k-${variant%% *}
         # shellcheck disable=SC2086 (variant holds flags)
-        run "$name" python3 examples/flax_model/train.py --preset gpu --steps 12 --warmup-steps 2 --log-every 1 \
+        run "$name" python3 examples/flax_model/train.py --preset gpu --steps "${TRAIN_STEPS:-12}" \
+          --warmup-steps "${TRAIN_WARMUP_STEPS:-2}" --log-every 1 \
           --attention $variant --metrics-out "$OUT/$name.json"
       done ;;
     bench-train)
