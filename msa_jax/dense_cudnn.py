@@ -57,28 +57,29 @@ def unavailable_reason(dtype: str) -> str | None:
     return None
 
 
-def serve(q, k, v, scale: float):
-    """`attention(q, k, v, scale)` where cuDNN takes the call, else None (the caller's own
-    kernels serve it): an `Implementation.dense_attention` for implementations on a GPU."""
-    if jax.default_backend() != "gpu" or unavailable_reason(str(q.dtype)) is not None:
+def _where_served(dtype: str, call):
+    """call() where cuDNN can take it (a GPU, a dtype it serves, a shape its flash attention
+    accepts), else None: the caller's own kernels serve it."""
+    if jax.default_backend() != "gpu" or unavailable_reason(dtype) is not None:
         return None
     try:
-        return attention(q, k, v, scale)
+        return call()
     except NotImplementedError:  # a shape cuDNN's flash attention does not take
         return None
+
+
+def serve(q, k, v, scale: float):
+    """`attention(q, k, v, scale)` where cuDNN takes the call, else None: an
+    `Implementation.dense_attention` for implementations on a GPU."""
+    return _where_served(str(q.dtype), lambda: attention(q, k, v, scale))
 
 
 def causal_lse(q, k, scale: float):
     """float32 [B, T, H] log-sum-exp of causal scores q kᵀ (k [B, T, Di], shared by q's heads)
     from cuDNN, or None where cuDNN does not take the call: the KL student's ilse in dense mode
     (index_q, index_k), its output discarded. Not differentiated."""
-    if jax.default_backend() != "gpu" or unavailable_reason(str(q.dtype)) is not None:
-        return None
     kk = k[:, :, None, :]
-    try:
-        return jax.lax.stop_gradient(_causal(q, kk, kk, scale, with_lse=True)[1])
-    except NotImplementedError:
-        return None
+    return _where_served(str(q.dtype), lambda: jax.lax.stop_gradient(_causal(q, kk, kk, scale, with_lse=True)[1]))
 
 
 def _causal(q, k, v, scale: float, with_lse: bool):

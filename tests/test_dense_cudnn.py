@@ -158,3 +158,20 @@ def test_no_cudnn_route_off_a_gpu():
     assert dense_cudnn.serve(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), 0.25) is None
     for interpret in (True, False):
         assert pallas_impl.PallasImplementation(interpret).dense_attention(q, k, v, cfg) is None
+
+
+def test_causal_lse_is_the_students_log_sum_exp(emulated, monkeypatch):
+    """`causal_lse` (dense mode's ilse for the cuda KL kernel): one cuDNN call with the index
+    heads as queries and index_k as the single key head, its lse kept, nothing else."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(dense_cudnn, "unavailable_reason", lambda dtype: None)
+    r = np.random.default_rng(3)
+    iq = jnp.asarray(r.standard_normal((B, T, HKV, D)), jnp.float32)
+    ik = jnp.asarray(r.standard_normal((B, T, D)), jnp.float32)
+    got = dense_cudnn.causal_lse(iq, ik, SCALE)
+    s = SCALE * jnp.einsum("bthd,bsd->bhts", iq, ik)
+    s = jnp.where(jnp.tril(jnp.ones((T, T), bool)), s, -jnp.inf)
+    want = jnp.swapaxes(jax.nn.logsumexp(s, axis=-1), 1, 2)
+    assert got.shape == (B, T, HKV)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    assert emulated == [True]
