@@ -4,7 +4,10 @@ CUDA kernels: `select_blocks` (the fused indexer, cuda/kernels/indexer_sm90.cuh)
 block-sparse attention forward (KV-outer slot partials, cuda/kernels/attention_fwd_sm90.cuh),
 its backward (cuda/kernels/attention_bwd_sm90.cuh) and the KL loss's value, student and
 gradient passes (cuda/kernels/kl_sm90.cuh), all KV-outer over the work lists of
-msa_jax/kv_outer, whose jnp code (shared with pallas) also merges their slot partials.
+msa_jax/kv_outer, whose jnp code (shared with pallas) also merges their slot partials. Dense
+mode with plain causal positions runs its attention through cuDNN (msa_jax/dense_cudnn.py)
+and its KL on a kernel that walks the causal triangle without work lists
+(cuda/kernels/dense_kl_sm90.cuh, `dense_kl_fwd`).
 """
 
 from __future__ import annotations
