@@ -12,7 +12,7 @@
 //     value pass (msa_jax/cuda.py, kl_fwd).
 //
 // One CTA per work item: one 128-key tile of kv head g and up to `count` (query, slot)
-// entries that selected it. K and the tile's index keys are loaded once (TMA). A teacher step
+// entries that selected it. K and the tile's index keys are loaded once (TMA). A value-pass teacher step
 // covers 64 matrix rows: 64 / G' query tokens x G' row slots, G' = G rounded up to a power of
 // two (slots past G are padding rows that hold no head):
 //   S = Q Kᵀ, P(row) = exp(s S - lse) (exact: lse is the row's over its whole support).
@@ -25,12 +25,11 @@
 // (a token's index_q is gathered into its first, "lead", row only; the other rows stay zero),
 // so one MMA shape serves both: U = IQ Kiᵀ beside S, reduce-scattered with P, and the value
 // partials reduced over the token's lanes.
-//   The gradient pass (`kl_grad_kernel`) batches the student side instead: index_q rows go
-// to a buffer of 64 token rows (one per token, G' teacher steps fill it), each teacher step
-// leaves its tokens' P̄ in shared memory (float32), and once per 64 tokens a student step runs
-// U = IQ Kiᵀ, du = R - P̄ (written to shared memory in the index dtype) and both products,
-// d index_q = du Ki and d index_k = duᵀ IQ, with every matrix row a token (at G = 16 the
-// per-step student MMAs of the lead-row layout used one row in 16).
+//   The gradient pass (`kl_grad_kernel`, kl_grad_sm90.cuh) lays its rows out as the dense-mode
+// kernel does instead: a batch of 64 tokens, one per matrix row, takes G teacher steps (one per
+// head, P̄ summed in registers, no reduce-scatter and no padding rows), then one student step
+// over the same rows: U = IQ Kiᵀ, du = R - P̄ (written to shared memory in the index dtype) and
+// both products, d index_q = du Ki and d index_k = duᵀ IQ.
 // Roles as in the backward (attention_bwd_sm90.cuh): warpgroup 0 gathers q and index_q rows by
 // cp.async (warp w < kStages fills steps w, w + kStages, ...; lane 0 of warp 0 issues the
 // TMA); warpgroups 1 and 2 each own one 64-key half of the tile and take every step.

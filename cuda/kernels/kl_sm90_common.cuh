@@ -28,9 +28,6 @@ using namespace attention_sm90;
 constexpr int kHalf = kBlock / 2;  // keys per computing warpgroup
 constexpr int kStages = 4;         // q (and index_q) stages of 64 rows; one gathering warp each
 constexpr int kBatchBuffers = 2;   // the gradient pass's index_q batches of 64 token rows
-// Floats per token row of the gradient pass's P̄ (a half's 64 keys): the padding spreads the
-// 8 rows a warp reads at once over the banks.
-constexpr int kPbarStride = kHalf + 8;
 constexpr int kThreads = 128 * 3;
 
 constexpr int kMaxGroup = 16;     // a token's rows must lie within one warp (reduce_scatter)
@@ -93,10 +90,11 @@ struct Config {
   // compute must stay within the 168 x 384 = 64512 the launch gives the CTA, or setmaxnreg.inc
   // waits forever (96 / 208, 65536, hung). The value and student passes: the gatherer (its
   // rows' sources and info across the stage wait, 2 x 32 cp.async a step) spills below 72,
-  // the compute side fits 216 (ptxas -v, nvcc 13.0). The gradient pass's gatherer also holds
-  // its batch tokens; its compute side fits 208.
-  static constexpr uint32_t kLoadRegisters = kGrad ? 88 : 72;
-  static constexpr uint32_t kComputeRegisters = kGrad ? 208 : 216;
+  // the compute side fits 216 (ptxas -v, nvcc 13.0). The gradient pass's compute side (P̄, two
+  // S accumulators and d index_k: 32 + 64 + Di / 2 floats a thread) fits 200; its gatherer
+  // spilled at 88 (its rows' entries and lse across the stage wait, and the batch's tokens).
+  static constexpr uint32_t kLoadRegisters = kGrad ? 96 : 72;
+  static constexpr uint32_t kComputeRegisters = kGrad ? 200 : 216;
   static_assert(sm90::register_split_fits(kThreads, kLoadRegisters, kComputeRegisters));
   using Element = Element_;
   using IndexElement = Element_;  // index_q and index_k have q's dtype
@@ -153,9 +151,10 @@ struct Config {
     array_aligned<Element, kStudent ? 8 : cosize_v<SmemLayoutK>, 1024> k;
     array_aligned<IndexElement, cosize_v<SmemLayoutIK>, 1024> ik;
     array_aligned<IndexElement, kGrad ? 2 * cosize_v<SmemLayoutDUt> : 8, 1024> du;  // one du per warpgroup
-    // Gradient pass: each half's P̄ of the batch's tokens, float32 [half][token][key].
-    array_aligned<float, kGrad ? 2 * kRows * kPbarStride : 4, 16> pbar;
-    RowInfo info[kStages][kRows];  // the stage's rows (written by its gathering warp)
+    // The stage's rows, written by its gathering warp: value and student passes, their info;
+    // gradient pass, their teacher lse in log2 units.
+    RowInfo info[kGrad ? 1 : kStages][kRows];
+    float lse_log2[kGrad ? kStages : 1][kRows];
     TokenInfo tokens[kGrad ? kBatchBuffers : 1][kRows];  // gradient pass: the batches' tokens
     // mbarrier: stage gathered (32 arrivals: every lane of the gathering warp arrives after its
     // own writes, so each write is ordered before the readers' wait)
