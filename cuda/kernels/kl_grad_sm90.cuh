@@ -23,8 +23,6 @@ __global__ void __launch_bounds__(kThreads, 1) kl_grad_kernel(const __grid_const
   using IndexElement = typename Cfg::IndexElement;
   constexpr int kD = Cfg::kD;
   constexpr int kDi = Cfg::kDi;
-  constexpr int kQStages = Cfg::kQStages;
-  static_assert(kQStages > kStages, "a warp's next step must not wait for its own pending one");
   extern __shared__ __align__(1024) char smem_raw[];
   auto& smem = *reinterpret_cast<typename Cfg::SharedStorage*>(smem_raw);
   const KLParams& p = args.p;
@@ -53,19 +51,8 @@ __global__ void __launch_bounds__(kThreads, 1) kl_grad_kernel(const __grid_const
     const IndexElement* iq =
         static_cast<const IndexElement*>(p.index_q) + int64_t(b) * p.q_len * p.num_kv_heads * kDi;
     const float* lse = p.lse + int64_t(b) * p.q_len * p.num_q_heads;
-    // Each warp keeps two steps' gathers in flight: step c's are issued before step c - kStages
-    // (the warp's previous one) is waited for and marked full. The ring is deeper than the
-    // warps (kQStages > kStages), so step c's stage was read as step c - kQStages, before the
-    // warp's pending step; and a pending step is marked full before the wait for an index_q
-    // buffer, whose student step may need it (G < kStages). Neither wait can need a step that
-    // a waiting warp holds back.
-    int pending = -1;  // the warp's step whose gathers are in flight, not yet marked full
-    auto mark_full = [&](int c) {
-      cutlass::arch::fence_view_async_shared();
-      cutlass::arch::ClusterBarrier::arrive(&smem.full[c % kQStages]);
-    };
     for (int c = warp; c < n_steps; c += kStages) {
-      const int s = c % kQStages;
+      const int s = c % kStages;
       const int batch = c / group, h = c % group, buf = batch % kBatchBuffers;
       int src_q[2];
       float lse_log2[2];
@@ -78,16 +65,10 @@ __global__ void __launch_bounds__(kThreads, 1) kl_grad_kernel(const __grid_const
         src_q[i] = row;
         lse_log2[i] = row < 0 ? 0.0f : lse[row] * float(M_LOG2E);
       }
-      cutlass::arch::ClusterBarrier::wait(&smem.empty[s], ((c / kQStages) & 1) ^ 1);
+      cutlass::arch::ClusterBarrier::wait(&smem.empty[s], ((c / kStages) & 1) ^ 1);
       CUTE_UNROLL
       for (int i = 0; i < 2; ++i) smem.lse_log2[s][lane + 32 * i] = lse_log2[i];
       gather_rows<Cfg::kChunks>(sQ(_, _, s), q, kD, src_q, lane);
-      cute::cp_async_fence();
-      if (pending >= 0) {
-        cute::cp_async_wait<1>();
-        mark_full(pending);
-      }
-      pending = c;
       if (h == 0) {
         // The batch's tokens, once per G steps: read after the q gathers are issued.
         int src_iq[2];
@@ -102,17 +83,16 @@ __global__ void __launch_bounds__(kThreads, 1) kl_grad_kernel(const __grid_const
         }
         if (batch >= kBatchBuffers) {  // the buffer's last batch is read
           const int last = batch - kBatchBuffers;
-          cutlass::arch::ClusterBarrier::wait(&smem.batch_empty[last % kQStages], (last / kQStages) & 1);
+          cutlass::arch::ClusterBarrier::wait(&smem.batch_empty[last % kStages], (last / kStages) & 1);
         }
         CUTE_UNROLL
         for (int i = 0; i < 2; ++i) smem.tokens[buf][lane + 32 * i] = token[i];
         gather_rows<Cfg::kIChunks>(sIQ(_, _, buf), iq, kDi, src_iq, lane);
-        cute::cp_async_fence();  // step c's second group: the next wait<1> covers both
       }
-    }
-    if (pending >= 0) {
+      cute::cp_async_fence();
       cute::cp_async_wait<0>();
-      mark_full(pending);
+      cutlass::arch::fence_view_async_shared();
+      cutlass::arch::ClusterBarrier::arrive(&smem.full[s]);
     }
     return;
   }
@@ -158,12 +138,12 @@ __global__ void __launch_bounds__(kThreads, 1) kl_grad_kernel(const __grid_const
     return p.deterministic ? (int64_t(b) * p.num_entries + part_row) * p.num_kv_heads + g
                            : (int64_t(b) * p.q_len + p.q_base + query) * p.num_kv_heads + g;
   };
-  // Step c's S = Q_h Kᵀ (stage c % kQStages, once gathered) issued into acc and committed.
+  // Step c's S = Q_h Kᵀ (stage c % kStages, once gathered) issued into acc and committed.
   auto issue_s = [&](int c, auto& acc) {
-    cutlass::arch::ClusterBarrier::wait(&smem.full[c % kQStages], (c / kQStages) & 1);
+    cutlass::arch::ClusterBarrier::wait(&smem.full[c % kStages], (c / kStages) & 1);
     warpgroup_fence_operand(acc);
     warpgroup_arrive();
-    gemm_overwrite(mma_s, tSrQ(_, _, _, c % kQStages), tSrK, acc);
+    gemm_overwrite(mma_s, tSrQ(_, _, _, c % kStages), tSrK, acc);
     warpgroup_commit_batch();
   };
   // Teacher step c on acc (S complete), in the batch whose steps end before c_end: step c + 1's
@@ -174,7 +154,7 @@ __global__ void __launch_bounds__(kThreads, 1) kl_grad_kernel(const __grid_const
   // with the accumulators on the stack). Keys past a token's last visible one are masked in
   // the student step (they are the same for every head).
   auto step = [&](int c, auto which, auto& acc, auto& acc_next, int c_end) {
-    const int s = c % kQStages;
+    const int s = c % kStages;
     const float lse_row[2] = {smem.lse_log2[s][my_row[0]], smem.lse_log2[s][my_row[1]]};
     if (c + 1 < c_end) issue_s(c + 1, acc_next);
     cutlass::arch::ClusterBarrier::arrive(&smem.empty[s]);  // q and the rows' lse are read
@@ -249,7 +229,7 @@ __global__ void __launch_bounds__(kThreads, 1) kl_grad_kernel(const __grid_const
     warpgroup_sync.arrive_and_wait();
     Tensor acc_diq = partition_fragment_C(mma_diq, Shape<Int<kRows>, Int<kDi>>{});
     student_products(mma_dik, mma_diq, products, buf, acc_dik, acc_diq);
-    cutlass::arch::ClusterBarrier::arrive(&smem.batch_empty[batch % kQStages]);  // index_q and the tokens are read
+    cutlass::arch::ClusterBarrier::arrive(&smem.batch_empty[batch % kStages]);  // index_q and the tokens are read
 
     // This half's share of each token's d index_q, scaled, added to its row.
     Tensor diq = make_tensor(acc_diq.data(), sm90::acc_rows_by_cols(acc_diq.layout()));  // (2, Di/4)

@@ -26,7 +26,7 @@ using namespace cute;
 using namespace attention_sm90;
 
 constexpr int kHalf = kBlock / 2;  // keys per computing warpgroup
-constexpr int kStages = 4;         // gathering warps; the value and student passes' q (and index_q) stages
+constexpr int kStages = 4;         // q (and index_q) stages of 64 rows; one gathering warp each
 constexpr int kBatchBuffers = 2;   // the gradient pass's index_q batches of 64 token rows
 constexpr int kThreads = 128 * 3;
 
@@ -100,13 +100,10 @@ struct Config {
   using IndexElement = Element_;  // index_q and index_k have q's dtype
   // index_q buffers: the stages' lead rows (value, student) or the gradient pass's token batches.
   static constexpr int kIQBuffers = kGrad ? kBatchBuffers : kStages;
-  // q stages of 64 rows: one per gathering warp, except in the gradient pass, where each warp
-  // keeps two steps' gathers in flight and the ring is deeper than the warps (kl_grad_sm90.cuh).
-  static constexpr int kQStages = kGrad ? (kD == 128 ? 6 : 8) : kStages;
   static constexpr int kChunks = kD * sizeof(Element) / 16;        // 16-byte pieces of a q row
   static constexpr int kIChunks = kDi * sizeof(IndexElement) / 16;  // ... of an index_q row
   using SmemLayoutQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
-                                             Shape<Int<kRows>, Int<kD>, Int<kQStages>>{}));
+                                             Shape<Int<kRows>, Int<kD>, Int<kStages>>{}));
   using SmemLayoutIQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<IndexElement>{},
                                               Shape<Int<kRows>, Int<kDi>, Int<kIQBuffers>>{}));
   // index_q rows as the B operand of d index_k = duᵀ IQ: (N = Di, K = token rows, batch buffer).
@@ -156,19 +153,19 @@ struct Config {
     array_aligned<IndexElement, kGrad ? 2 * cosize_v<SmemLayoutDUt> : 8, 1024> du;  // one du per warpgroup
     // The stage's rows, written by its gathering warp: value and student passes, their info;
     // gradient pass, their teacher lse in log2 units.
-    RowInfo info[kGrad ? 1 : kQStages][kRows];
-    float lse_log2[kGrad ? kQStages : 1][kRows];
+    RowInfo info[kGrad ? 1 : kStages][kRows];
+    float lse_log2[kGrad ? kStages : 1][kRows];
     TokenInfo tokens[kGrad ? kBatchBuffers : 1][kRows];  // gradient pass: the batches' tokens
     // mbarrier: stage gathered (32 arrivals: every lane of the gathering warp arrives after its
     // own writes, so each write is ordered before the readers' wait)
-    uint64_t full[kQStages];
-    uint64_t empty[kQStages];  // mbarrier: stage read (256 arrivals: both computing warpgroups)
-    // Gradient pass: batch m's student step is done (256 arrivals), on barrier m % kQStages. One
-    // barrier per buffer was not enough: with G = 1 the gatherers run up to kQStages batches
+    uint64_t full[kStages];
+    uint64_t empty[kStages];  // mbarrier: stage read (256 arrivals: both computing warpgroups)
+    // Gradient pass: batch m's student step is done (256 arrivals), on barrier m % kStages. One
+    // barrier per buffer was not enough: with G' = 1 the gatherers run up to kStages batches
     // ahead, so a parity wait could take the completion of batch m - 2 * kBatchBuffers for the
-    // one of batch m - kBatchBuffers (and overwrite a batch still being read). With kQStages
+    // one of batch m - kBatchBuffers (and overwrite a batch still being read). With kStages
     // barriers the two completions a waiter can see have different parities.
-    uint64_t batch_empty[kQStages];
+    uint64_t batch_empty[kStages];
     uint64_t tile_full;       // mbarrier: K and index keys landed (TMA transaction bytes)
   };
 
@@ -270,11 +267,11 @@ __device__ __forceinline__ int reduce_scatter(int lane, Arrays&... arrays) {
 template <class Cfg>
 __device__ __forceinline__ void kl_prologue(typename Cfg::SharedStorage& smem, int group, int slots, bool zero_iq) {
   if (threadIdx.x == 0) {
-    for (int s = 0; s < Cfg::kQStages; ++s) {
+    for (int s = 0; s < kStages; ++s) {
       cutlass::arch::ClusterBarrier::init(&smem.full[s], 32);
       cutlass::arch::ClusterBarrier::init(&smem.empty[s], 256);
     }
-    for (int i = 0; i < Cfg::kQStages; ++i) cutlass::arch::ClusterBarrier::init(&smem.batch_empty[i], 256);
+    for (int i = 0; i < kStages; ++i) cutlass::arch::ClusterBarrier::init(&smem.batch_empty[i], 256);
     cutlass::arch::ClusterTransactionBarrier::init(&smem.tile_full, 1);
   }
   if (zero_iq) {
