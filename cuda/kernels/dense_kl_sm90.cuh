@@ -13,8 +13,9 @@
 // query tile:
 //   teacher steps, one per head h of the group: S = Q_h Kᵀ (m64 n64), and
 //     P̄ += exp(s S - lse_h) in registers. Every head has the same (query, key) layout, so the
-//     sum over the group needs no shuffles (the work-list kernels pack a token's heads into
-//     rows and reduce-scatter them); step h + 1's S is issued before step h's exps;
+//     sum over the group needs no shuffles (the work-list value pass packs a token's heads
+//     into rows and reduce-scatters them; the work-list gradient pass, kl_grad_sm90.cuh, took
+//     this layout); step h + 1's S is issued before step h's exps;
 //   a student step: U = IQ Kiᵀ, P̄ /= G and masked to the visible keys, du = exp(u - ilse) - P̄,
 //     the value's terms P̄ log P̄ - P̄ u + ilse P̄ (summed per thread), du to shared memory, then
 //     d index_k += duᵀ IQ (accumulated over the walk and stored once: the CTA owns its keys)
