@@ -50,3 +50,34 @@ def test_long_rows_build_the_same_work_list_both_ways(monkeypatch):
     for name, a, b in zip(worklist.WorkList._fields, by_sort, by_pairs):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
     assert int(jnp.sum(by_sort.item_count)) == int(jnp.sum(by_sort.entry_ok)) > 0
+
+
+@pytest.mark.parametrize("B,Hkv,N,kv_len", [(1, 4, 3000, 700), (2, 3, 500, 4096), (3, 1, 64, 1)])
+def test_one_sort_over_all_rows_matches_a_stable_sort_per_row(B, Hkv, N, kv_len):
+    """sort_rows' composite (row, tile) sort gives each row's stable order and sorted keys,
+    with ties (many entries per tile) and entries that take no part (int32 max) among them."""
+    r = np.random.default_rng(N)
+    big = np.iinfo(np.int32).max
+    key = r.integers(0, kv_len, size=(B, Hkv, N)).astype(np.int32)
+    key[r.random(key.shape) < 0.3] = big
+    order, sorted_key = worklist.sort_rows(jnp.asarray(key), kv_len)
+    want = np.argsort(key, axis=-1, kind="stable")
+    np.testing.assert_array_equal(np.asarray(order), want)
+    np.testing.assert_array_equal(np.asarray(sorted_key), np.take_along_axis(key, want, axis=-1))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_work_list_is_the_same_with_one_sort_or_a_sort_per_row(monkeypatch, packed):
+    B, T, Hkv, K, S, bk = 2, 300, 3, 8, 1000, 64
+    r = np.random.default_rng(1)
+    bi = jnp.asarray(r.integers(-1, S // bk + 2, size=(B, T, Hkv, K)), jnp.int32)
+    qpos = jnp.asarray(np.arange(T)[None] + np.array([[700], [100]]), jnp.int32)
+    doc = jnp.asarray(r.integers(0, 100, size=(B, T)) if packed else np.zeros((B, T)), jnp.int32)
+    valid = qpos < np.array([[S], [S - 300]])
+    kw = dict(kv_len=S, block_size=bk, rows=64, packed=packed)
+    one_sort = worklist.build(bi, qpos, doc, valid, **kw)
+    monkeypatch.setattr(worklist, "KEY_LIMIT", 0)
+    per_row = worklist.build(bi, qpos, doc, valid, **kw)
+    for name, a, b in zip(worklist.WorkList._fields, one_sort, per_row):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+    assert int(jnp.sum(one_sort.item_count)) == int(jnp.sum(one_sort.entry_ok)) > 0

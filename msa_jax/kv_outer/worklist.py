@@ -69,6 +69,37 @@ def repeats_an_earlier_slot(block_indices):
     return jnp.put_along_axis(jnp.zeros_like(repeat), order, repeat, axis=-1, inplace=False)
 
 
+# Composite (row, tile) keys are uint32 and entry numbers int32; past either range each row is
+# sorted alone.
+KEY_LIMIT, ENTRY_LIMIT = 2**32, 2**31
+
+
+def sort_rows(key, kv_len: int):
+    """(order, sorted key) of each row of key [B, Hkv, N] (tile starts in [0, kv_len), int32
+    max where the entry takes no part), a stable ascending sort per row.
+
+    All rows go through one sort of uint32 (row, tile) composite keys: XLA's GPU sort rewriter
+    hands one long row of unsigned 32-bit keys with 32-bit values to CUB's radix sort, but a
+    batch of a few rows (B * Hkv = 4 for config A) to its own bitonic sort
+    (xla/service/gpu/transforms/sort_rewriter.cc, the Hopper heuristic); those bitonic sorts
+    took 6.2 of msa_fwd_bwd_kl's 198 ms at 128K (config A, H100,
+    results/profiles/h100-20261207-profile-A-msa_fwd_bwd_kl-cuda-131072-750dec3.json)."""
+    B, Hkv, N = key.shape
+    big = jnp.iinfo(jnp.int32).max
+    span = kv_len + 2  # tiles 0 .. kv_len - 1, kv_len (a clamp that never applies), "no part"
+    if B * Hkv * span > KEY_LIMIT or B * Hkv * N > ENTRY_LIMIT:
+        order = jnp.argsort(key, axis=-1, stable=True).astype(jnp.int32)
+        return order, jnp.take_along_axis(key, order, axis=-1)
+    row = jnp.arange(B * Hkv, dtype=jnp.uint32).reshape(B, Hkv, 1)
+    local = jnp.where(key == big, span - 1, jnp.minimum(key, kv_len)).astype(jnp.uint32)
+    flat_key, flat_at = jax.lax.sort(
+        ((row * span + local).reshape(-1), jnp.arange(B * Hkv * N, dtype=jnp.int32)), num_keys=1, is_stable=True
+    )
+    local = (flat_key.reshape(B, Hkv, N) - row * span).astype(jnp.int32)
+    order = flat_at.reshape(B, Hkv, N) - row.astype(jnp.int32) * N
+    return order, jnp.where(local == span - 1, big, local)
+
+
 def build(block_indices, qpos, doc, valid, *, kv_len: int, block_size: int, rows: int, packed: bool) -> WorkList:
     """block_indices [B, T, Hkv, K] and query coordinates (qpos, doc, valid) [B, T]."""
     B, T, Hkv, K = block_indices.shape
@@ -82,8 +113,7 @@ def build(block_indices, qpos, doc, valid, *, kv_len: int, block_size: int, rows
     big = jnp.iinfo(jnp.int32).max
     key = jnp.where(ok, tile, big)  # [B, T, Hkv, K]
     key = jnp.moveaxis(key, 2, 1).reshape(B, Hkv, T * K)
-    order = jnp.argsort(key, axis=-1, stable=True).astype(jnp.int32)
-    sorted_key = jnp.take_along_axis(key, order, axis=-1)
+    order, sorted_key = sort_rows(key, kv_len)
     entry_query, entry_slot = order // K, order % K
 
     n_items = max_items(T, kv_len, K, block_size, rows, packed)
