@@ -51,49 +51,31 @@ __global__ void __launch_bounds__(kThreads, 1) kl_grad_kernel(const __grid_const
     const IndexElement* iq =
         static_cast<const IndexElement*>(p.index_q) + int64_t(b) * p.q_len * p.num_kv_heads * kDi;
     const float* lse = p.lse + int64_t(b) * p.q_len * p.num_q_heads;
-    // What a step's rows need before its gather: the batch's entries (kept while this warp's
-    // steps stay in one batch: with G >= 4 it takes several heads of each batch), each row's q
-    // source and lse. Loaded one step ahead, while the previous gather is in flight, so the
-    // dependent loads (entry -> lse) are not paid between one gather and the next.
-    struct StepRows {
-      int batch = -1;
-      RowEntry entry[2];
-      int src_q[2];
-      float lse[2];
-    };
-    auto rows_of = [&](int c, StepRows& r) {
-      const int batch = c / group, h = c % group;
-      if (batch != r.batch) {
-        r.batch = batch;
-        CUTE_UNROLL
-        for (int i = 0; i < 2; ++i) {
-          // Row r: the batch's token r (one row per token: the row mapping of G = 1).
-          r.entry[i] = row_entry(p, b, g, start, count, 1, batch, lane + 32 * i);
-        }
-      }
-      CUTE_UNROLL
-      for (int i = 0; i < 2; ++i) {
-        const int row = r.entry[i].query < 0 ? -1 : (p.q_base + r.entry[i].query) * p.num_q_heads + g * group + h;
-        r.src_q[i] = row;
-        r.lse[i] = row < 0 ? 0.0f : lse[row];  // not read before this step's turn
-      }
-    };
-    StepRows cur;
-    if (warp < n_steps) rows_of(warp, cur);
     for (int c = warp; c < n_steps; c += kStages) {
       const int s = c % kStages;
       const int batch = c / group, h = c % group, buf = batch % kBatchBuffers;
+      int src_q[2];
+      float lse_log2[2];
+      RowEntry entry[2];
+      CUTE_UNROLL
+      for (int i = 0; i < 2; ++i) {
+        // Row r: the batch's token r (one row per token: the row mapping of G = 1).
+        entry[i] = row_entry(p, b, g, start, count, 1, batch, lane + 32 * i);
+        const int row = entry[i].query < 0 ? -1 : (p.q_base + entry[i].query) * p.num_q_heads + g * group + h;
+        src_q[i] = row;
+        lse_log2[i] = row < 0 ? 0.0f : lse[row] * float(M_LOG2E);
+      }
       cutlass::arch::ClusterBarrier::wait(&smem.empty[s], ((c / kStages) & 1) ^ 1);
       CUTE_UNROLL
-      for (int i = 0; i < 2; ++i) smem.lse_log2[s][lane + 32 * i] = cur.lse[i] * float(M_LOG2E);
-      gather_rows<Cfg::kChunks>(sQ(_, _, s), q, kD, cur.src_q, lane);
+      for (int i = 0; i < 2; ++i) smem.lse_log2[s][lane + 32 * i] = lse_log2[i];
+      gather_rows<Cfg::kChunks>(sQ(_, _, s), q, kD, src_q, lane);
       if (h == 0) {
         // The batch's tokens, once per G steps: read after the q gathers are issued.
         int src_iq[2];
         TokenInfo token[2];
         CUTE_UNROLL
         for (int i = 0; i < 2; ++i) {
-          const RowEntry e = cur.entry[i];
+          const RowEntry e = entry[i];
           src_iq[i] = e.query < 0 ? -1 : (p.q_base + e.query) * p.num_kv_heads + g;
           token[i] = e.query < 0 ? TokenInfo{0.0f, -1, -1, -1}
                                  : TokenInfo{p.ilse[int64_t(b) * p.q_len * p.num_kv_heads + src_iq[i]],
@@ -108,7 +90,6 @@ __global__ void __launch_bounds__(kThreads, 1) kl_grad_kernel(const __grid_const
         gather_rows<Cfg::kIChunks>(sIQ(_, _, buf), iq, kDi, src_iq, lane);
       }
       cute::cp_async_fence();
-      if (c + kStages < n_steps) rows_of(c + kStages, cur);  // during this step's gather
       cute::cp_async_wait<0>();
       cutlass::arch::fence_view_async_shared();
       cutlass::arch::ClusterBarrier::arrive(&smem.full[s]);
