@@ -74,3 +74,19 @@ def test_selection_disagreement_counts_sets():
     b = jnp.asarray([[[1, 3, 2, 5]], [[0, 4, 2, -1]]], jnp.int32)
     stats = bench_decode.selection_disagreement(a, b)
     assert stats == {"rows": 2, "rows_differing": 0.5, "blocks_differing": 0.5 * (1 / 3)}
+
+
+def test_decode_table_rows_from_a_gpu_run(tmp_path):
+    """readme_table's decode table: GPU runs only, one row per (B, N, impl, op, cache), with the
+    record's time, bandwidth and speed-up, and the run named among the sources."""
+    out = tmp_path / "decode.json"
+    run = bench_decode.main(["--config", "tiny", "--cases", "2:64", "--impl", "xla", "--repeats", "2",
+                             "--warmup", "0", "--out", str(out)])
+    assert "no GPU decode results" in readme_table.render_decode(readme_table.load_decode_runs([out]))
+    gpu = tmp_path / "decode-gpu.json"
+    gpu.write_text(json.dumps(dict(run, backend="gpu", device="NVIDIA H100 80GB HBM3")))
+    text = readme_table.render_decode(readme_table.load_decode_runs([out, gpu]))
+    step = next(c for c in run["cases"] if c["op"] == "decode_step" and c["kv_dtype"] == "fp8")
+    assert (f"| NVIDIA H100 80GB HBM3 | tiny | 2 | 64 | xla | decode_step | fp8 | {step['median_s'] * 1e3:.3f} "
+            f"| {step['gb_per_s']:.0f} | {step['speedup_vs_dense']:.2f}x |") in text
+    assert text.count("| NVIDIA H100 80GB HBM3 |") == 1 + 3 * 2 and "`decode-gpu.json`" in text

@@ -159,7 +159,8 @@ def test_readme_table_from_gpu_run(bench_run, tmp_path):
     results.mkdir()
     (results / "cpu.json").write_text(json.dumps(run))
     readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\n## Performance\n\n{readme_table.START}\nold\n{readme_table.END}\n\n## Tests\n")
+    decode = f"{readme_table.DECODE_START}\n{readme_table.DECODE_END}\n"
+    readme.write_text(f"# x\n\n## Performance\n\n{readme_table.START}\nold\n{readme_table.END}\n\n{decode}\n## Tests\n")
     args = ["--readme", str(readme), "--results", str(results)]
     assert readme_table.main(args + ["--check"]) == 1
     assert readme_table.main(args) == 0
@@ -171,7 +172,8 @@ def test_readme_table_from_gpu_run(bench_run, tmp_path):
     assert readme_table.main(args + ["--check"]) == 1
     assert readme_table.main(args) == 0
     text = readme.read_text()
-    assert text.startswith("# x\n\n## Performance\n\n") and text.endswith(f"{readme_table.END}\n\n## Tests\n")
+    assert text.startswith("# x\n\n## Performance\n\n") and text.endswith(f"{readme_table.DECODE_END}\n\n## Tests\n")
+    assert "| no GPU decode results recorded yet |" in text
     sparse = _case(run, "xla", "sparse_fwd")
     row = (f"| NVIDIA H100 80GB HBM3 | tiny | {N} | xla | sparse_fwd | {sparse['median_s'] * 1e3:.2f} "
            f"| {sparse['tflops']:.3g} | {sparse['speedup']:.2f}x |")
