@@ -31,14 +31,18 @@ OP_ORDER = ("dense_fwd", "dense_fwd_bwd", "indexer", "sparse_fwd", "sparse_fwd_b
             "msa_dense_fwd_bwd_kl")
 
 
-def load_runs(paths) -> list[tuple[Path, dict]]:
-    """(path, run) for each file that bench.py wrote; other JSON files are ignored."""
+def _runs_with(paths, schema_key: str) -> list[tuple[Path, dict]]:
     runs = []
     for path in sorted(Path(p) for p in paths):
         run = json.loads(path.read_text())
-        if isinstance(run, dict) and "schema_version" in run and "cases" in run:
+        if isinstance(run, dict) and schema_key in run and "cases" in run:
             runs.append((path, run))
     return runs
+
+
+def load_runs(paths) -> list[tuple[Path, dict]]:
+    """(path, run) for each file that bench.py wrote; other JSON files are ignored."""
+    return _runs_with(paths, "schema_version")
 
 
 def latest_cases(runs) -> dict[tuple, tuple[Path, dict, dict]]:
@@ -114,12 +118,7 @@ def render(runs) -> str:
 
 def load_decode_runs(paths) -> list[tuple[Path, dict]]:
     """(path, run) for each file that bench_decode.py wrote."""
-    runs = []
-    for path in sorted(Path(p) for p in paths):
-        run = json.loads(path.read_text())
-        if isinstance(run, dict) and "decode_schema_version" in run and "cases" in run:
-            runs.append((path, run))
-    return runs
+    return _runs_with(paths, "decode_schema_version")
 
 
 def render_decode(runs) -> str:

@@ -43,13 +43,19 @@ def test_long_rows_build_the_same_work_list_both_ways(monkeypatch):
     qpos = jnp.asarray(np.arange(T)[None] + np.array([[3800], [1500]]), jnp.int32)
     doc = jnp.zeros_like(qpos)
     valid = qpos < np.array([[S], [S - 100]])
-    kw = dict(kv_len=S, block_size=bk, rows=64, packed=False)
-    by_sort = worklist.build(bi, qpos, doc, valid, **kw)
-    monkeypatch.setattr(worklist, "PAIRWISE_MAX_SLOTS", 10_000)
-    by_pairs = worklist.build(bi, qpos, doc, valid, **kw)
-    for name, a, b in zip(worklist.WorkList._fields, by_sort, by_pairs):
+    # With a huge pairwise limit the repeats are found by comparing slot pairs.
+    _same_list_both_ways(monkeypatch, "PAIRWISE_MAX_SLOTS", 10_000, (bi, qpos, doc, valid),
+                         dict(kv_len=S, block_size=bk, rows=64, packed=False))
+
+
+def _same_list_both_ways(monkeypatch, knob: str, value, args, kw):
+    """worklist.build gives the same lists before and after setting worklist.<knob> = value."""
+    first = worklist.build(*args, **kw)
+    monkeypatch.setattr(worklist, knob, value)
+    second = worklist.build(*args, **kw)
+    for name, a, b in zip(worklist.WorkList._fields, first, second):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
-    assert int(jnp.sum(by_sort.item_count)) == int(jnp.sum(by_sort.entry_ok)) > 0
+    assert int(jnp.sum(first.item_count)) == int(jnp.sum(first.entry_ok)) > 0
 
 
 @pytest.mark.parametrize("B,Hkv,N,kv_len", [(1, 4, 8192, 700), (2, 3, 500, 4096), (3, 1, 64, 1)])
@@ -74,10 +80,6 @@ def test_work_list_is_the_same_with_one_sort_or_a_sort_per_row(monkeypatch, pack
     qpos = jnp.asarray(np.arange(T)[None] + np.array([[700], [100]]), jnp.int32)
     doc = jnp.asarray(r.integers(0, 100, size=(B, T)) if packed else np.zeros((B, T)), jnp.int32)
     valid = qpos < np.array([[S], [S - 300]])
-    kw = dict(kv_len=S, block_size=bk, rows=64, packed=packed)
-    one_sort = worklist.build(bi, qpos, doc, valid, **kw)
-    monkeypatch.setattr(worklist, "KEY_LIMIT", 0)
-    per_row = worklist.build(bi, qpos, doc, valid, **kw)
-    for name, a, b in zip(worklist.WorkList._fields, one_sort, per_row):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
-    assert int(jnp.sum(one_sort.item_count)) == int(jnp.sum(one_sort.entry_ok)) > 0
+    # With no room for composite keys each row is sorted alone.
+    _same_list_both_ways(monkeypatch, "KEY_LIMIT", 0, (bi, qpos, doc, valid),
+                         dict(kv_len=S, block_size=bk, rows=64, packed=packed))
