@@ -2,9 +2,10 @@
 
 The tables live between the marker pairs below in README.md's "## Performance" section and
 are never typed by hand: bench.py's runs in the first, bench_decode.py's decode steps in the
-second. Only GPU runs (backend "gpu") go in; where several runs timed the same
-(device, config, N, impl, op) (decode: (device, B, N, impl, op, cache format)), the newest wins. `--check` rewrites nothing and exits 1 when
-README.md is out of sync with the results (the test suite runs it).
+second. Only GPU runs (backend "gpu") go in; where several runs timed the same case ((device,
+config, N, impl, op); decode: also B and the cache format), the newest wins. `--check`
+rewrites nothing and exits 1 when README.md is out of sync with the results (the test suite
+runs it).
 
     python benchmarks/readme_table.py           # rewrite README.md
     python benchmarks/readme_table.py --check   # exit 1 if README.md is stale
@@ -66,10 +67,14 @@ def n_label(n: int) -> str:
     return f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
 
+def _rank(items, x) -> int:
+    """x's place in a preferred order; names not listed go last."""
+    return items.index(x) if x in items else len(items)
+
+
 def _order(key):
     device, config, n, impl, op, baseline = key
-    rank = lambda items, x: items.index(x) if x in items else len(items)  # noqa: E731
-    return (device, config, n, not baseline, rank(IMPL_ORDER, impl), impl, rank(OP_ORDER, op), op)
+    return (device, config, n, not baseline, _rank(IMPL_ORDER, impl), impl, _rank(OP_ORDER, op), op)
 
 
 def _config_text(cfg: dict) -> str:
@@ -142,8 +147,7 @@ def render_decode(runs) -> str:
     if not latest:
         lines.append("| no GPU decode results recorded yet | | | | | | | | | |")
         return "\n".join(lines)
-    rank = lambda items, x: items.index(x) if x in items else len(items)  # noqa: E731
-    order = lambda k: (k[0], k[1], k[2], k[3], rank(IMPL_ORDER, k[4]), k[4], k[6], rank(DECODE_OPS, k[5]))  # noqa: E731
+    order = lambda k: (*k[:4], _rank(IMPL_ORDER, k[4]), k[4], k[6], _rank(DECODE_OPS, k[5]))  # noqa: E731
     for key in sorted(latest, key=order):
         device, config, batch, n, impl, op, kv = key
         case = latest[key][2]
@@ -156,11 +160,11 @@ def render_decode(runs) -> str:
     lines.append("Sources:")
     for path, run in used:
         dirty = " (dirty tree)" if run["git_dirty"] else ""
-        agree = "; ".join(f"B {s['batch']} at {n_label(s['n'])} ({s['impl']}): {s['rows_differing']:.0%} of rows, "
+        differ = "; ".join(f"B {s['batch']} at {n_label(s['n'])} ({s['impl']}): {s['rows_differing']:.0%} of rows, "
                           f"{s['blocks_differing']:.1%} of blocks" for s in run.get("selection_fp8_vs_bf16", []))
         lines.append(f"- `{path.name}`: {run['date']}, commit `{run['git_commit'][:12]}`{dirty}, "
                      f"{run['settings']['dtype']}, jax {run['jax_version']}"
-                     + (f"; selection from FP8 index keys differs from bf16's in {agree}" if agree else ""))
+                     + (f"; selection from FP8 index keys differs from bf16's in {differ}" if differ else ""))
     return "\n".join(lines)
 
 
