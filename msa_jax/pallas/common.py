@@ -7,6 +7,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from ..paged_scan import TARGET_PROGRAMS  # the least programs of a decode launch, as the cuda scan's
+
 
 @dataclasses.dataclass(frozen=True)
 class Tiles:
@@ -73,21 +75,6 @@ def next_power_of_2(n: int) -> int:
 # prefill) gather the pages and run the contiguous KV-outer kernels, which reuse each key
 # tile across the queries that select it.
 DECODE_MAX_Q = 16
-
-# Programs one decode kernel launch should have at least: about twice the SMs of an H100 /
-# H200 (132), so the memory-bound scans keep every SM busy at batch 1 with one wave to spare.
-TARGET_PROGRAMS = 256
-
-
-def paged_index_splits(programs: int, max_pages: int) -> tuple[int, int]:
-    """(splits, pages per split) of the paged index scan over `programs` (batch x row tiles)
-    programs: the sequence is split until programs x splits reaches TARGET_PROGRAMS (B 1 at 1M tokens, 8192 pages of 128: 256 splits of
-    32 pages; B 32 at 128K: 8 splits of 128 pages). More splits cost only the merge, which
-    sorts splits x (top_k - 1) candidates per row."""
-    splits = max(1, min(max_pages, -(-TARGET_PROGRAMS // programs)))
-    per_split = -(-max_pages // splits)
-    return -(-max_pages // per_split), per_split
-
 
 def paged_index_row_tile(rows: int) -> int:
     """Query rows (tokens x groups) per program of the paged index scan: all of them up to 64

@@ -12,10 +12,10 @@ row whose local block lies after it, into the running top-(top_k - 1) of running
 Only fully visible blocks are candidates, so no key inside a scanned page is masked: a
 partly written page is always some row's local page or later, and never scanned.
 
-Each program writes its unranked (score, id) list; `topk.merge_partial_topk` merges the
-lists of a row exactly (the lists cover disjoint blocks and each is exact for its range),
-and `topk.assemble_rows` appends the local block. FP8 keys: the tile is converted to the
-queries' dtype (exact) and each score column multiplied by its token's scale.
+Each program writes its unranked (score, id) list; msa_jax/paged_scan.py (shared with the
+cuda scan) plans the split, merges the lists of a row exactly (the lists cover disjoint
+blocks and each is exact for its range) and appends the local block. FP8 keys: the tile is
+converted to the queries' dtype (exact) and each score column multiplied by its token's scale.
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from .. import positions as pos_lib
-from .. import topk
+from .. import paged_scan
 from ..config import IndexPages, MSAConfig, Positions
 from . import common, running_topk
 
@@ -69,49 +68,43 @@ def _scan_kernel(iq_ref, ik_ref, *refs, page_size: int, slots: int, keep: int, p
 
 
 def paged_select_blocks(index_q, pages: IndexPages, positions: Positions, cfg: MSAConfig, *, interpret: bool):
-    """int32 [B, T, Hkv, top_k] selection rows (logical page ids) from the scan and the merge."""
+    """int32 [B, T, Hkv, top_k] selection rows (logical page ids) from the scan and the merge
+    (msa_jax/paged_scan.py)."""
     B, T, Hkv, Di = index_q.shape
     P, page = pages.keys.shape[:2]
     max_pages = pages.page_table.shape[1]
-    top_k, keep = cfg.top_k, cfg.top_k - 1
-    qpos, _, valid = pos_lib.query_coords(positions, T)
-    local = jnp.where(valid, qpos // page, -1)  # [B, T]
-    if keep == 0:
-        return topk.assemble_rows(jnp.zeros((B, T, Hkv, 0), jnp.int32), jnp.repeat(local[..., None], Hkv, -1),
-                                  jnp.repeat(valid[..., None], Hkv, -1), top_k)
+    keep = cfg.top_k - 1
     fp8 = pages.scale is not None
     rows = T * Hkv  # row r = t * Hkv + g
     tile = common.paged_index_row_tile(rows)
     rows_pad = -(-rows // tile) * tile
-    row_tiles = rows_pad // tile
     slots = common.next_power_of_2(keep)
-    splits, pps = common.paged_index_splits(B * row_tiles, max_pages)
     iq = jnp.pad(index_q.reshape(B, rows, Di), [(0, 0), (0, rows_pad - rows), (0, 0)])
-    local_rows = jnp.pad(jnp.repeat(local, Hkv, axis=1), [(0, 0), (0, rows_pad - rows)], constant_values=-1)
 
-    kernel = functools.partial(
-        _scan_kernel, page_size=page, slots=slots, keep=keep, pages_per_split=pps, scale=cfg.index_scale(Di),
-        precision=common.dot_precision(index_q.dtype), fp8=fp8,
-    )
-    out_spec = pl.BlockSpec((None, None, tile, slots), lambda b, r, s: (b, s, r, 0))
-    scores, ids = pl.pallas_call(
-        kernel,
-        grid=(B, row_tiles, splits),
-        in_specs=[pl.BlockSpec((None, tile, Di), lambda b, r, s: (b, r, 0)),
-                  pl.BlockSpec((P, page, Di), lambda b, r, s: (0, 0, 0))]
-        + ([pl.BlockSpec((P, page), lambda b, r, s: (0, 0))] if fp8 else [])
-        + [pl.BlockSpec((None, max_pages), lambda b, r, s: (b, 0)),
-           pl.BlockSpec((None, tile), lambda b, r, s: (b, r))],
-        out_specs=[out_spec, out_spec],
-        out_shape=[jax.ShapeDtypeStruct((B, splits, rows_pad, slots), jnp.float32),
-                   jax.ShapeDtypeStruct((B, splits, rows_pad, slots), jnp.int32)],
-        compiler_params=common.compiler_params(common.paged_index_tiles(tile)),
-        interpret=interpret,
-        name="msa_paged_index_scan",
-    )(iq, pages.keys, *([pages.scale] if fp8 else []), pages.page_table, local_rows)
-    # [B, splits, rows, slots] -> [B, rows, splits, slots]: one row's lists side by side.
-    scores = jnp.moveaxis(scores[:, :, :rows], 1, 2)
-    ids = jnp.moveaxis(ids[:, :, :rows], 1, 2)
-    chosen = topk.merge_partial_topk(scores, ids, keep).reshape(B, T, Hkv, keep)
-    return topk.assemble_rows(chosen, jnp.repeat(local[..., None], Hkv, -1), jnp.repeat(valid[..., None], Hkv, -1),
-                              top_k)
+    def scan(local, splits: int, pps: int):
+        local_rows = jnp.pad(jnp.repeat(local, Hkv, axis=1), [(0, 0), (0, rows_pad - rows)], constant_values=-1)
+        kernel = functools.partial(
+            _scan_kernel, page_size=page, slots=slots, keep=keep, pages_per_split=pps, scale=cfg.index_scale(Di),
+            precision=common.dot_precision(index_q.dtype), fp8=fp8,
+        )
+        out_spec = pl.BlockSpec((None, None, tile, slots), lambda b, r, s: (b, s, r, 0))
+        scores, ids = pl.pallas_call(
+            kernel,
+            grid=(B, rows_pad // tile, splits),
+            in_specs=[pl.BlockSpec((None, tile, Di), lambda b, r, s: (b, r, 0)),
+                      pl.BlockSpec((P, page, Di), lambda b, r, s: (0, 0, 0))]
+            + ([pl.BlockSpec((P, page), lambda b, r, s: (0, 0))] if fp8 else [])
+            + [pl.BlockSpec((None, max_pages), lambda b, r, s: (b, 0)),
+               pl.BlockSpec((None, tile), lambda b, r, s: (b, r))],
+            out_specs=[out_spec, out_spec],
+            out_shape=[jax.ShapeDtypeStruct((B, splits, rows_pad, slots), jnp.float32),
+                       jax.ShapeDtypeStruct((B, splits, rows_pad, slots), jnp.int32)],
+            compiler_params=common.compiler_params(common.paged_index_tiles(tile)),
+            interpret=interpret,
+            name="msa_paged_index_scan",
+        )(iq, pages.keys, *([pages.scale] if fp8 else []), pages.page_table, local_rows)
+        # [B, splits, rows, slots] -> [B, rows, splits, slots]: one row's lists side by side.
+        return jnp.moveaxis(scores[:, :, :rows], 1, 2), jnp.moveaxis(ids[:, :, :rows], 1, 2)
+
+    return paged_scan.select(index_q, positions, top_k=cfg.top_k, page_size=page, max_pages=max_pages, row_tile=tile,
+                             scan=scan)
