@@ -35,6 +35,7 @@ nb::dict Registrations() {
   targets["msa_kl_partials"] = EncapsulateFfiHandler(MsaKLPartials);
   targets["msa_kl_bwd"] = EncapsulateFfiHandler(MsaKLBwd);
   targets["msa_dense_kl"] = EncapsulateFfiHandler(MsaDenseKL);
+  targets["msa_paged_index_scan"] = EncapsulateFfiHandler(MsaPagedIndexScan);
   return targets;
 }
 

@@ -20,7 +20,9 @@ SPARSE_ATTENTION_BWD = "msa_sparse_attention_bwd"
 KL_PARTIALS = "msa_kl_partials"
 KL_BWD = "msa_kl_bwd"
 DENSE_KL = "msa_dense_kl"
-TARGETS = (SELECT_BLOCKS, SPARSE_ATTENTION_PARTIALS, SPARSE_ATTENTION_BWD, KL_PARTIALS, KL_BWD, DENSE_KL)
+PAGED_INDEX_SCAN = "msa_paged_index_scan"
+TARGETS = (SELECT_BLOCKS, SPARSE_ATTENTION_PARTIALS, SPARSE_ATTENTION_BWD, KL_PARTIALS, KL_BWD, DENSE_KL,
+           PAGED_INDEX_SCAN)
 
 
 def select_blocks(index_q, index_k, q_offset, kv_length, doc, *, top_k: int, block_size: int,
@@ -42,6 +44,37 @@ def select_blocks(index_q, index_k, q_offset, kv_length, doc, *, top_k: int, blo
     call = jax.ffi.ffi_call(SELECT_BLOCKS, out, vmap_method="sequential")
     return call(index_q, index_k, q_offset.astype(jnp.int32), kv_length.astype(jnp.int32), doc.astype(jnp.int32),
                 top_k=np.int32(top_k), block_size=np.int32(block_size),
+                index_softmax_scale=np.float32(index_softmax_scale))
+
+
+def paged_index_scan(index_q, index_k_pages, index_k_scale, page_table, local_page, *, top_k: int, splits: int,
+                     pages_per_split: int, index_softmax_scale: float):
+    """The paged index scan's per-split lists (target "msa_paged_index_scan").
+
+    Args:
+      index_q: bf16 or fp16 [B, T, Hkv, Di].
+      index_k_pages: [P, 128, Di] in index_q's dtype, or float8_e4m3fn with index_k_scale
+        float32 [P, 128]; index_k_scale None otherwise.
+      page_table: int32 [B, max_pages] (entries are clamped into [0, P) when read).
+      local_page: int32 [B, T], each query's local page, -1 for padding queries.
+      top_k, index_softmax_scale: the spec's K (2..32) and si.
+      splits, pages_per_split: split s scans logical pages [s * pages_per_split,
+        (s + 1) * pages_per_split); splits * pages_per_split >= max_pages.
+
+    Returns:
+      (scores float32, ids int32), each [B, T * Hkv, splits, top_k - 1], row r = t * Hkv + g:
+      per split, the row's best top_k - 1 candidate pages (j < local page) of the split's range,
+      unranked, score si * max over the page's keys of <index_q, index_k> (times the token's
+      scale for FP8); unused entries (-inf, -1).
+    """
+    B, T, Hkv, _ = index_q.shape
+    shape = (B, T * Hkv, splits, top_k - 1)
+    out = (jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(shape, jnp.int32))
+    call = jax.ffi.ffi_call(PAGED_INDEX_SCAN, out, vmap_method="sequential")
+    # No scales with keys in index_q's dtype: an empty buffer (the handler checks which it got).
+    scale = jnp.zeros((0,), jnp.float32) if index_k_scale is None else index_k_scale
+    return call(index_q, index_k_pages, scale, page_table, local_page.astype(jnp.int32), top_k=np.int32(top_k),
+                splits=np.int32(splits), pages_per_split=np.int32(pages_per_split),
                 index_softmax_scale=np.float32(index_softmax_scale))
 
 

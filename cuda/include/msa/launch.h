@@ -16,6 +16,11 @@ enum class ElementType { kBFloat16, kFloat16 };
 bool indexer_sm90_supports(int index_head_dim, int block_size, int top_k);
 cudaError_t launch_indexer_sm90(const IndexerParams& params, ElementType dtype, cudaStream_t stream);
 
+// Which (Di, page size, top_k) the SM90 paged index scan is compiled for (paged_indexer_sm90.cuh);
+// index heads bfloat16 or float16, keys in their dtype or FP8 E4M3 (params.index_k_scale set).
+bool paged_indexer_sm90_supports(int index_head_dim, int page_size, int top_k);
+cudaError_t launch_paged_indexer_sm90(const PagedIndexerParams& params, ElementType dtype, cudaStream_t stream);
+
 // Which (D, dtype) the SM90 KV-outer attention forward is compiled for (attention_fwd_sm90.cuh).
 bool attention_fwd_sm90_supports(int head_dim, int block_size, int group);
 cudaError_t launch_attention_fwd_sm90(const AttentionFwdParams& params, ElementType dtype, cudaStream_t stream);

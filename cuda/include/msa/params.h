@@ -27,6 +27,40 @@ struct IndexerParams {
   float index_softmax_scale;  // si; ranking uses si * <index_q, index_k> as the spec does
 };
 
+// paged_select_blocks: the paged index scan (spec, "Inference"), one list per (batch row, split).
+// Dense row-major tensors:
+//   index_q [B, T, Hkv, Di] (bf16 or fp16), read as [B, rows, Di] with rows = T * Hkv, row
+//     r = t * Hkv + g;
+//   index_k [P, page, Di] pages, index_q's dtype, or FP8 E4M3 iff index_k_scale is set, with
+//     index_k_scale [P, page] float32 (one scale per token);
+//   page_table [B, max_pages] int32 (entries clamped into [0, P) when read);
+//   local_page [B, T] int32: each query's local page L(i), -1 for padding queries;
+//   scores [B, rows, splits, top_k - 1] float32 and ids (same shape, int32), written whole:
+//     split s scans logical pages [s * pages_per_split, (s + 1) * pages_per_split); each row's
+//     list holds its best top_k - 1 candidate pages (j < L(i)) of that range, unranked, by
+//     score si * max over the page's keys of <index_q, index_k> (times the key's scale for
+//     FP8); unused entries are (-inf, -1).
+struct PagedIndexerParams {
+  const void* index_q;
+  const void* index_k;
+  const float* index_k_scale;  // nullptr: keys in index_q's dtype
+  const int32_t* page_table;
+  const int32_t* local_page;
+  float* scores;
+  int32_t* ids;
+  int batch;            // B
+  int q_len;            // T
+  int num_kv_heads;     // Hkv
+  int index_head_dim;   // Di
+  int num_pages;        // P, >= 1
+  int page_size;        // page = Bk
+  int max_pages;        // page-table columns
+  int top_k;            // K, local page included (lists hold K - 1)
+  int splits;           // lists per row
+  int pages_per_split;  // splits * pages_per_split >= max_pages
+  float index_softmax_scale;  // si > 0
+};
+
 // What every KV-outer kernel (attention forward and backward, the KL passes) reads alike:
 // sizes, positions and the work list of one query chunk [q_base, q_base + num_entries /
 // top_k), as msa_jax/kv_outer/worklist.py builds it: entry_query / entry_slot
