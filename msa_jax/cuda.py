@@ -7,7 +7,10 @@ gradient passes (cuda/kernels/kl_sm90.cuh), all KV-outer over the work lists of
 msa_jax/kv_outer, whose jnp code (shared with pallas) also merges their slot partials. Dense
 mode with plain causal positions runs its attention through cuDNN (msa_jax/dense_cudnn.py)
 and its KL on a kernel that walks the causal triangle without work lists
-(cuda/kernels/dense_kl_sm90.cuh, `dense_kl_fwd`).
+(cuda/kernels/dense_kl_sm90.cuh, `dense_kl_fwd`). Paged caches: `paged_select_blocks` scans
+the paged index keys with the top-k fused, split over the sequence
+(cuda/kernels/paged_indexer_sm90.cuh); msa_jax/paged_scan.py, shared with pallas, plans the
+split and merges the lists. The paged attention has no CUDA kernel yet.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from . import dense_cudnn, ffi
+from . import dense_cudnn, ffi, paged_scan
 from . import positions as pos_lib
 from . import dispatch
 from .config import CallInfo
@@ -27,12 +30,15 @@ from .kv_outer import partials as kv_partials, worklist
 from .kv_outer.worklist import dense_indices
 
 # Ops with a CUDA kernel in them; cuda/include/msa/launch.h and the handlers say the same.
-SERVED_OPS = ("select_blocks", "block_sparse_attention", "sparse_attention", "index_kl_loss")
+SERVED_OPS = ("select_blocks", "block_sparse_attention", "sparse_attention", "index_kl_loss", "paged_select_blocks")
+# Ops that read only the index branch: q's head dim, dtype and G do not apply to them.
+_INDEX_ONLY_OPS = ("select_blocks", "paged_select_blocks")
 _INDEX_HEAD_DIMS = (64, 128)
 _HEAD_DIMS = (64, 128)
 _DTYPES = ("bfloat16", "float16")
 _BLOCK_SIZE = 128
-_MAX_TOP_K = 32  # the indexer's running top-k (cuda/kernels/indexer_sm90.cu)
+_MAX_TOP_K = 32  # the indexers' running top-k (cuda/kernels/indexer_sm90.cu, paged_indexer_sm90.cu)
+_PAGED_ROW_TILE = 64  # query rows (T x Hkv) per CTA of the paged scan (kMaxRows, paged_indexer_sm90.cuh)
 _STEP_ROWS = 64  # matrix rows per step of the attention kernel (query tokens x G heads)
 # Steps per work item: one K/V tile load serves up to 64 x 64 rows. 64 ran the kernel 4% faster
 # than 32 at 32K and 128K (config A, H200; benchmarks/results/logs/h200-20261202-breakdown.log).
@@ -75,9 +81,9 @@ class CudaImplementation(Implementation):
                 return f"index dtype {call.index_dtype} not in {_DTYPES}"
             if call.index_head_dim not in _INDEX_HEAD_DIMS:
                 return f"index head dim Di={call.index_head_dim} not in {_INDEX_HEAD_DIMS}"
-        if call.op in ("select_blocks", "sparse_attention") and call.config.top_k > _MAX_TOP_K:
+        if call.op in ("select_blocks", "sparse_attention", "paged_select_blocks") and call.config.top_k > _MAX_TOP_K:
             return f"top_k={call.config.top_k} > {_MAX_TOP_K}"
-        if call.op != "select_blocks":
+        if call.op not in _INDEX_ONLY_OPS:
             if call.dtype not in _DTYPES:
                 return f"dtype {call.dtype} not in {_DTYPES}"
             if call.head_dim not in _HEAD_DIMS:
@@ -93,6 +99,19 @@ class CudaImplementation(Implementation):
             index_q, index_k, positions.q_offset, positions.kv_length, doc, top_k=cfg.top_k,
             block_size=cfg.block_size, index_softmax_scale=cfg.index_scale(index_q.shape[-1]),
         )
+
+    def paged_select_blocks(self, index_q, pages, positions, cfg):
+        """The paged index scan (cuda/kernels/paged_indexer_sm90.cuh): per (batch row, split)
+        lists merged by msa_jax/paged_scan.py, as Pallas's. FP8 keys: `pages.scale` set."""
+        ffi.register_targets()
+
+        def scan(local, splits: int, pages_per_split: int):
+            return ops.paged_index_scan(index_q, pages.keys, pages.scale, pages.page_table, local, top_k=cfg.top_k,
+                                        splits=splits, pages_per_split=pages_per_split,
+                                        index_softmax_scale=cfg.index_scale(index_q.shape[-1]))
+
+        return paged_scan.select(index_q, positions, top_k=cfg.top_k, page_size=cfg.block_size,
+                                 max_pages=pages.page_table.shape[1], row_tile=_PAGED_ROW_TILE, scan=scan)
 
     def attention_fwd(self, q, k, v, block_indices, positions, cfg):
         ffi.register_targets()
