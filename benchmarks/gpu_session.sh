@@ -9,7 +9,8 @@
 # from $OUT (the device README's limits): build, test-cuda and bench-* write 1-2 each, train-32k
 # 4 and sanitize 6, so split a call that would write more (a train-32k metrics file was lost so):
 #   build          the CUDA extension for sm_90a into the device's Python (editable install)
-#   test-cuda      pytest -m gpu of the cuda implementation (forward, backward, KL, packed documents) and the extension loader
+#   test-cuda      pytest -m gpu of the cuda implementation (forward, backward, KL, packed documents, paged index scan) and
+#                  the extension loader
 #   test-wheel     the same tests (every test of both files, TEST_K to narrow them) against an
 #                  installed wheel instead of the build step's editable install: dist/msa_jax-*.whl,
 #                  built elsewhere in isolation (KEEP=dist .ci/wheel_check.sh, for the device's
@@ -68,7 +69,8 @@ run() {  # run NAME CMD...: log to $OUT/NAME.log, echo a one-line status
 
 # A small select_blocks call (bf16 and fp16 index heads), a block_sparse_attention on its rows and
 # its gradients (both backward modes), the KL (student and gradient passes, then the value pass
-# alone): what the sanitizer tools watch. The platform allocator gives
+# alone), the paged index scan (bf16 and FP8 pages, several pages per split, garbage page-table
+# entries past the rows' pages): what the sanitizer tools watch. The platform allocator gives
 # each buffer its own cudaMalloc, so memcheck sees an access one byte past a buffer.
 sanitize_case='
 import numpy as np, jax, jax.numpy as jnp, msa_jax
@@ -98,7 +100,18 @@ for det in (False, True):
         implementation="cuda")
     value, (diq, dik) = jax.value_and_grad(kl, argnums=(0, 1))(iq, ik)
     print("kl", det, float(value), float(kl(iq, ik)), float(jnp.abs(diq.astype(jnp.float32)).sum()),
-          float(jnp.abs(dik.astype(jnp.float32)).sum()))'
+          float(jnp.abs(dik.astype(jnp.float32)).sum()))
+import msa_jax.paged_scan
+msa_jax.paged_scan.TARGET_PROGRAMS = 4  # two splits per row: several pages each
+lengths = np.array([20 * 128 + 5, 9 * 128], np.int32)
+table, P = msa_jax.make_page_table(lengths + 128, 128, permutation=r.permutation(32))  # 22 + 10 pages
+table[:, -1] = [-7, 2**31 - 1]  # never read: past both rows pages
+pages = jnp.asarray(r.standard_normal((P, 128, 128)), jnp.bfloat16)
+piq = jnp.asarray(r.standard_normal((2, 5, 2, 128)), jnp.bfloat16)
+for keys, scale in ((pages, None), msa_jax.quantize_fp8(pages)):
+    rows = msa_jax.paged_select_blocks(piq, keys, page_table=jnp.asarray(table), kv_length=lengths, top_k=16,
+                                       index_k_scale=scale, implementation="cuda")
+    print("paged", np.asarray(rows)[0, -1, 0])'
 # Packed documents starting inside blocks: every kernel reads tiles from any key. A process of
 # its own: memcheck's one run of both parts crashed (SIGSEGV in the host process, while XLA
 # compiled this part) before printing a summary (benchmarks/NOTES.md).
@@ -146,6 +159,7 @@ for step in "$@"; do
       # TEST_K: a pytest -k expression to run fewer (e.g. "attention" after a forward-kernel change).
       # -k matches substrings of test ids: "float16" also matches "bfloat16"; "-float16" does not.
       run test-cuda python3 -m pytest tests/test_cuda.py tests/test_cuda_bwd.py tests/test_cuda_kl.py tests/test_cuda_packed.py \
+        tests/test_cuda_paged.py \
         tests/test_ffi_loader.py -m gpu -v \
         --durations=10 --maxfail=${MAXFAIL:-1000} \
         ${TEST_K:+-k "$TEST_K"} ;;
