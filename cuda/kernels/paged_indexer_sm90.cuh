@@ -331,11 +331,12 @@ __global__ void __launch_bounds__(kThreads) paged_indexer_kernel(const __grid_co
   };
 
   if (n > 0) {
-    stage_queries<Cfg>(p, b, row0, m_tiles, a_frag);  // visible after the loop's first barrier
     for (int i = 0; i < Cfg::kStages - 1; ++i) {
       if (i < n) load_page<Cfg>(p, physical(i), stage(i));
       cute::cp_async_fence();
     }
+    // While the first pages are in flight; visible after the loop's first barrier.
+    stage_queries<Cfg>(p, b, row0, m_tiles, a_frag);
     // The physical id of the next page to load, read one iteration early: its load is then off
     // the path from one page's barrier to the next.
     int ahead = Cfg::kStages - 1 < n ? physical(Cfg::kStages - 1) : 0;
