@@ -23,7 +23,8 @@ ffi::Error invalid(const std::string& what) { return ffi::Error::InvalidArgument
 // The key pages and their scales: [P, page, Di] in index_q's dtype with no scales (an empty
 // buffer), or FP8 E4M3 with float32 scales [P, page]. A scale buffer of another shape would let
 // the kernel read past it.
-ffi::Error check_pages(ffi::DataType dtype, const ffi::AnyBuffer& keys, const ffi::Buffer<ffi::F32>& scale, int64_t Di) {
+ffi::Error check_pages(ffi::DataType dtype, const ffi::AnyBuffer& keys, const ffi::Buffer<ffi::F32>& scale,
+                       int64_t Di) {
   const auto kd = keys.dimensions();
   if (kd.size() != 3 || kd[2] != Di || kd[0] < 1) {
     return invalid("index_k_pages must be [P >= 1, page, Di = " + std::to_string(Di) + "], got " + dims_str(kd));
@@ -70,7 +71,8 @@ ffi::Error PagedIndexScan(cudaStream_t stream,
   if (!paged_indexer_sm90_supports(static_cast<int>(Di), static_cast<int>(page), top_k) ||
       !(index_softmax_scale > 0.0f)) {
     return invalid("unsupported Di=" + std::to_string(Di) + " page=" + std::to_string(page) +
-                   " top_k=" + std::to_string(top_k) + " (Di 64 or 128, page 128, top_k 2..32, index_softmax_scale > 0)");
+                   " top_k=" + std::to_string(top_k) +
+                   " (Di 64 or 128, page 128, top_k 2..32, index_softmax_scale > 0)");
   }
   // Every page of the table must belong to some split (else it would never be scanned), and the
   // splits' page range must stay well inside int32.
