@@ -13,12 +13,14 @@
 // Roles: warpgroup 0 gathers (warp w < kStages fills the steps w, w + kStages, ...; lane 0 of
 // warp 0 also issues the K/V TMA) and writes each row's lse, delta and last visible key beside
 // the stage; warpgroups 1 and 2 each own one 64-key half of the tile and both take every step:
-// their S, dP, dK and dV cover their half. P and dS go through shared memory (transposed) as
-// the A operand of dV and dK; warpgroup 1 then computes the row's dQ share over the whole
-// tile, reading both halves' dS there, and adds it to the row: one add per (row, tile) instead
-// of one per half halves the atomic traffic to dQ (the adds cost 28 of this kernel's 98 ms at
-// 128K before; 91 ms after). dK and dV accumulate in registers over the item (64 x D each per
-// warpgroup) and are added to the outputs at its end.
+// their S, dP, dK and dV cover their half. P and dS go through shared memory (transposed, by
+// stmatrix) as the A operand of dV and dK; then the rows' dQ share over the whole tile is
+// computed from both halves' dS and added to the rows: one add per (row, tile) instead of one
+// per half halves the atomic traffic to dQ (the adds cost 28 of this kernel's 98 ms at 128K
+// before; 91 ms after). At D = 128 each warpgroup takes 64 of dQ's columns, so both do the same
+// products and adds a step; at D = 64 warpgroup 1 takes all of them (a 32-column slice of K
+// would start inside a 128-byte swizzle row). dK and dV accumulate in registers over the item
+// (64 x D each per warpgroup) and are added to the outputs at its end.
 //
 // Dead rows of a step (past the item's entries) are zero-filled by the gatherer, so they add
 // nothing to dK / dV (a garbage dout row times P = 0 could still be NaN).
@@ -94,9 +96,11 @@ struct Config {
       tile_to_shape(GMMA::Layout_MN_SW128_Atom<Element>{}, Shape<Int<kHalf>, Int<kRows>, _2>{}),
       make_ordered_layout(Shape<Int<kRows>, Int<kHalf>, _2>{}, Step<_2, _1, _3>{})));
   // dQ share = dS K over one half's keys (called for both halves): dS and K (read MN-major)
-  // from shared memory.
+  // from shared memory, kDQCols of dQ's columns per warpgroup that computes it.
+  static constexpr bool kSplitDQ = kD % 128 == 0;
+  static constexpr int kDQCols = kSplitDQ ? kD / 2 : kD;
   using MmaDQ = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Element, Element, float, Shape<Int<kRows>, Int<kD>, Int<kHalf>>,
+      GMMA::ss_op_selector<Element, Element, float, Shape<Int<kRows>, Int<kDQCols>, Int<kHalf>>,
                            GMMA::Major::K, GMMA::Major::MN>()));
   // dV += Pᵀ dO and dK += dSᵀ Q: M = the half's keys, N = D, K = the step's rows.
   using MmaDKV = decltype(make_tiled_mma(
@@ -253,7 +257,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     auto thr_kv = mma_kv.get_thread_slice(thread);
     Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Cfg::SmemLayoutKV{})(_, _, half);
     Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), typename Cfg::SmemLayoutKV{})(_, _, half);
-    Tensor sKt = make_tensor(make_smem_ptr(smem.k.data()), typename Cfg::SmemLayoutKt{});  // both halves
+    // dQ's columns this warpgroup computes: [dq_col0, dq_col0 + kDQCols) of K over both halves.
+    constexpr bool kSplitDQ = Cfg::kSplitDQ;
+    constexpr int kDQCols = Cfg::kDQCols;
+    const bool does_dq = kSplitDQ || half == 0;
+    const int dq_col0 = kSplitDQ ? half * kDQCols : 0;
+    Tensor sKt = local_tile(make_tensor(make_smem_ptr(smem.k.data()), typename Cfg::SmemLayoutKt{}),
+                            Shape<Int<kDQCols>, Int<kHalf>, _2>{}, make_coord(kSplitDQ ? half : 0, 0, 0));
     Tensor sQt = make_tensor(make_smem_ptr(smem.q.data()), typename Cfg::SmemLayoutQt{});
     Tensor sDOt = make_tensor(make_smem_ptr(smem.dout.data()), typename Cfg::SmemLayoutQt{});
     constexpr int kPtSize = cosize_v<typename Cfg::SmemLayoutPt>;
@@ -275,7 +285,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     Tensor coord_s = thr_s.partition_C(make_identity_tensor(Shape<Int<kRows>, Int<kHalf>>{}));
     Tensor cs = make_tensor(coord_s.data(), sm90::acc_rows_by_cols(coord_s.layout()));  // (2, 16)
-    Tensor coord_q = thr_dq.partition_C(make_identity_tensor(Shape<Int<kRows>, Int<kD>>{}));
+    Tensor coord_q = thr_dq.partition_C(make_identity_tensor(Shape<Int<kRows>, Int<kDQCols>>{}));
     Tensor cq = make_tensor(coord_q.data(), sm90::acc_rows_by_cols(coord_q.layout()));
     Tensor coord_kv = thr_kv.partition_C(make_identity_tensor(Shape<Int<kHalf>, Int<kD>>{}));
     Tensor ckv = make_tensor(coord_kv.data(), sm90::acc_rows_by_cols(coord_kv.layout()));
@@ -346,21 +356,15 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
       // Pᵀ and dSᵀ into this warpgroup's buffers, once every warp of both warpgroups is past
-      // the previous step's products that read them (warpgroup 1's dQ reads both dS).
+      // the previous step's products that read them (the dQ products read both halves' dS).
+      // A row's keys are contiguous there, so stmatrix stores them in 16-byte pieces.
       compute_sync.arrive_and_wait();
-      CUTE_UNROLL
-      for (int i = 0; i < 2; ++i) {
-        CUTE_UNROLL
-        for (int j = 0; j < size<1>(ps); ++j) {
-          const int key = get<1>(cs(i, j));
-          sPt(key, my_row[i]) = Element(ps(i, j));
-          sDSt(key, my_row[i]) = Element(dps(i, j));
-        }
-      }
+      sm90::store_acc_rows<Element>(ps, [&](int row, int key) { return &sPt(key, row); });
+      sm90::store_acc_rows<Element>(dps, [&](int row, int key) { return &sDSt(key, row); });
       cutlass::arch::fence_view_async_shared();
       compute_sync.arrive_and_wait();
 
-      Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kRows>, Int<kD>>{});
+      Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kRows>, Int<kDQCols>>{});
       warpgroup_fence_operand(acc_dq);
       warpgroup_fence_operand(acc_dk);
       warpgroup_fence_operand(acc_dv);
@@ -373,7 +377,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int kb = 0; kb < size<2>(tKVrDSt); ++kb) {
         cute::gemm(mma_kv, tKVrDSt(_, _, kb), tKVrQt(_, _, kb, s), acc_dk);
       }
-      if (half == 0) {  // the rows' dQ share over the whole tile
+      if (does_dq) {  // the rows' dQ share over the whole tile, this warpgroup's columns
         warpgroup_arrive();  // acc_dq is first written here (ptxas would insert this fence itself)
         mma_dq.accumulate_ = GMMA::ScaleOut::Zero;
         CUTE_UNROLL
@@ -392,12 +396,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       warpgroup_fence_operand(acc_dv);
       cutlass::arch::ClusterBarrier::arrive(&smem.empty[s]);  // q and dout of the stage are read
 
-      // The tile's share of each live row's dQ, scaled, added to the row (warpgroup 1).
-      Tensor dq = make_tensor(acc_dq.data(), sm90::acc_rows_by_cols(acc_dq.layout()));  // (2, D/4)
+      // The tile's share of each live row's dQ, scaled, added to the row's columns computed here.
+      Tensor dq = make_tensor(acc_dq.data(), sm90::acc_rows_by_cols(acc_dq.layout()));  // (2, kDQCols/4)
       CUTE_UNROLL
       for (int i = 0; i < 2; ++i) {
-        if (half != 0 || dq_row[i] < 0) continue;
-        float* out = p.dq + dq_row[i] * kD;
+        if (!does_dq || dq_row[i] < 0) continue;
+        float* out = p.dq + dq_row[i] * kD + dq_col0;
         CUTE_UNROLL
         for (int j = 0; j < size<1>(dq); j += 2) {
           add_pair(out + get<1>(cq(i, j)), scale * dq(i, j), scale * dq(i, j + 1));
