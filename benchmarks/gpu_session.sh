@@ -36,6 +36,8 @@
 #                  (PROFILE_OPS, PROFILE_N), config A, 32K and 128K, one JSON per case
 #   ncu-train      Nsight Compute sections of the first launches of the training kernels (NCU_KERNELS, NCU_COUNT)
 #                  in msa_fwd_bwd_kl, config A, 32K
+#   ncu-source     per-instruction (SASS) warp-stall samples of one launch of NCU_KERNELS (default the KL
+#                  gradient pass) at 32K, as CSV in ncu-source-csv.log
 #   train-32k      issue #3's measurement: the GPU preset's train step at 32K tokens, MSA with
 #                  implementation="cuda" (2 dense warm-up steps, then sparse) and the same model with
 #                  dense cuDNN attention, one metrics JSON each (tokens/s per mode, first step excluded);
@@ -205,6 +207,15 @@ for step in "$@"; do
         --section WarpStateStats --section SchedulerStats --section Occupancy \
         python3 benchmarks/bench.py --config A --impl cuda --ops msa_fwd_bwd_kl --n 32768 --repeats 1 --warmup 0 \
         --time-limit 30 --baselines --out /tmp/ncu_bench.json ;;
+    ncu-source)
+      # Warp-stall samples per SASS instruction of the first launch matching NCU_KERNELS
+      # (default kl_grad_kernel) in msa_fwd_bwd_kl at 32K: the report, then its source page as
+      # CSV (where a latency-bound kernel waits, which the sections of ncu-train do not place).
+      run ncu-source env XLA_PYTHON_CLIENT_PREALLOCATE=false ncu --clock-control none --target-processes application-only \
+        -k "regex:${NCU_KERNELS:-kl_grad_kernel}" -c 1 --section SourceCounters --section WarpStateStats \
+        -f -o /tmp/ncu_source python3 benchmarks/bench.py --config A --impl cuda --ops msa_fwd_bwd_kl --n 32768 \
+        --repeats 1 --warmup 0 --time-limit 30 --out /tmp/ncu_bench.json
+      run ncu-source-csv ncu -i /tmp/ncu_source.ncu-rep --page source --csv --print-source sass ;;
     train-32k)
       for variant in "msa --implementation cuda" "dense-cudnn"; do
         name=train-32k-${variant%% *}
