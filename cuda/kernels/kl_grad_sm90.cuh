@@ -69,16 +69,6 @@ __global__ void __launch_bounds__(kThreads, 1) kl_grad_kernel(const __grid_const
       CUTE_UNROLL
       for (int i = 0; i < 2; ++i) smem.lse_log2[s][lane + 32 * i] = lse_log2[i];
       gather_rows<Cfg::kChunks>(sQ(_, _, s), q, kD, src_q, lane);
-      if (h == 0 && group > 1) {
-        // A token's q rows of the group's heads lie together (G x D elements); this step reads
-        // head 0's and the batch's next G - 1 steps the others, each a 2 * D-byte piece of the
-        // token's block at a different time, so DRAM served them piecemeal (the pass read at
-        // ~30% of its bandwidth). One bulk prefetch per token brings heads 1..G-1 into L2 now.
-        CUTE_UNROLL
-        for (int i = 0; i < 2; ++i) {
-          if (src_q[i] >= 0) prefetch_l2(q + (int64_t(src_q[i]) + 1) * kD, (group - 1) * kD * sizeof(Element));
-        }
-      }
       if (h == 0) {
         // The batch's tokens, once per G steps: read after the q gathers are issued.
         int src_iq[2];
