@@ -19,8 +19,9 @@
 #   test-pallas    pytest -m gpu of the Pallas scale tests (issue #4's acceptance at 4K / 32K)
 #   test-pallas-suite  the whole conformance suite against pallas on the GPU (TestPallasGPU)
 #   sanitize       compute-sanitizer memcheck and racecheck on a small case of each CUDA kernel, the
-#                  packed-documents case and the dense-mode KL case in processes of their own
-#                  (SANITIZE_TOOLS: which tools; SANITIZE_PARTS: which of unpacked, packed, dense)
+#                  paged scan, the packed-documents case and the dense-mode KL case in processes of their
+#                  own (SANITIZE_TOOLS: which tools; SANITIZE_PARTS: which of unpacked, paged, packed,
+#                  dense, backward (the backward alone, for racecheck; not by default))
 #   bench-indexer  bench.py, config A, indexer only, cuda and pallas, 8K / 32K / 128K
 #   bench-A        bench.py, config A, every op, cuda and pallas (BENCH_IMPLS="cuda" for fewer), 8K / 32K / 128K
 #   bench-train    bench.py, config A, cuda, the training ops (sparse_fwd_bwd, msa_fwd_bwd_kl) against cuDNN's
@@ -71,8 +72,7 @@ run() {  # run NAME CMD...: log to $OUT/NAME.log, echo a one-line status
 
 # A small select_blocks call (bf16 and fp16 index heads), a block_sparse_attention on its rows and
 # its gradients (both backward modes), the KL (student and gradient passes, then the value pass
-# alone), the paged index scan (bf16 and FP8 pages, several pages per split, garbage page-table
-# entries past the rows' pages): what the sanitizer tools watch. The platform allocator gives
+# alone): what the sanitizer tools watch (the part "unpacked"; "paged" and "backward" below). The platform allocator gives
 # each buffer its own cudaMalloc, so memcheck sees an access one byte past a buffer.
 sanitize_case='
 import numpy as np, jax, jax.numpy as jnp, msa_jax
@@ -102,7 +102,12 @@ for det in (False, True):
         implementation="cuda")
     value, (diq, dik) = jax.value_and_grad(kl, argnums=(0, 1))(iq, ik)
     print("kl", det, float(value), float(kl(iq, ik)), float(jnp.abs(diq.astype(jnp.float32)).sum()),
-          float(jnp.abs(dik.astype(jnp.float32)).sum()))
+          float(jnp.abs(dik.astype(jnp.float32)).sum()))'
+# The paged index scan (bf16 and FP8 pages, several pages per split, garbage page-table entries
+# past the rows' pages): its own part, so that racecheck can watch it without the rest.
+sanitize_paged_case='
+import numpy as np, jax, jax.numpy as jnp, msa_jax
+r = np.random.default_rng(0)
 import msa_jax.paged_scan
 msa_jax.paged_scan.TARGET_PROGRAMS = 4  # two splits per row: several pages each
 lengths = np.array([20 * 128 + 5, 9 * 128], np.int32)
@@ -114,6 +119,23 @@ for keys, scale in ((pages, None), msa_jax.quantize_fp8(pages)):
     rows = msa_jax.paged_select_blocks(piq, keys, page_table=jnp.asarray(table), kv_length=lengths, top_k=16,
                                        index_k_scale=scale, implementation="cuda")
     print("paged", np.asarray(rows)[0, -1, 0])'
+# The block-sparse backward alone (both modes; G 4, D 128, dQ split over both warpgroups), for
+# racecheck: the whole unpacked case ran past 300 s under it.
+sanitize_backward_case='
+import numpy as np, jax, jax.numpy as jnp, msa_jax
+r = np.random.default_rng(0)
+q = jnp.asarray(r.standard_normal((2, 300, 8, 128)), jnp.bfloat16)
+kv = jnp.asarray(r.standard_normal((2, 700, 2, 128)), jnp.bfloat16)
+iq = jnp.asarray(r.standard_normal((2, 300, 2, 128)), jnp.bfloat16)
+ik = jnp.asarray(r.standard_normal((2, 700, 128)), jnp.bfloat16)
+bi = msa_jax.select_blocks(iq, ik, top_k=4, block_size=128, q_offset=np.array([400, -50], np.int32),
+                           kv_length=np.array([700, 200], np.int32), implementation="cuda")
+for det in (False, True):
+    loss = lambda q, k, v: jnp.sum(msa_jax.block_sparse_attention(
+        q, k, v, bi, block_size=128, q_offset=np.array([400, -50], np.int32),
+        kv_length=np.array([700, 200], np.int32), deterministic=det, implementation="cuda").astype(jnp.float32))
+    dq, dk, dv = jax.grad(loss, argnums=(0, 1, 2))(q, kv, kv)
+    print("backward", det, float(jnp.abs(dq.astype(jnp.float32)).sum()), float(jnp.abs(dk.astype(jnp.float32)).sum()))'
 # Packed documents starting inside blocks: every kernel reads tiles from any key. A process of
 # its own: memcheck's one run of both parts crashed (SIGSEGV in the host process, while XLA
 # compiled this part) before printing a summary (benchmarks/NOTES.md).
@@ -176,9 +198,15 @@ for step in "$@"; do
     sanitize)
       # SANITIZE_TOOLS: fewer tools (e.g. "memcheck").
       for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
-        for part in ${SANITIZE_PARTS:-unpacked packed dense}; do
-          case_src=$sanitize_case; [ $part = packed ] && case_src=$sanitize_packed_case
-          [ $part = dense ] && case_src=$sanitize_dense_case
+        for part in ${SANITIZE_PARTS:-unpacked paged packed dense}; do
+          case $part in
+            unpacked) case_src=$sanitize_case ;;
+            packed) case_src=$sanitize_packed_case ;;
+            dense) case_src=$sanitize_dense_case ;;
+            paged) case_src=$sanitize_paged_case ;;
+            backward) case_src=$sanitize_backward_case ;;
+            *) echo "unknown sanitize part: $part" >&2; failed=$((failed + 1)); continue ;;
+          esac
           run "sanitize-$tool-$part" env XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false \
             compute-sanitizer --tool "$tool" --error-exitcode 1 python3 -c "$case_src"
         done
