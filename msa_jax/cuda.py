@@ -10,7 +10,9 @@ and its KL on a kernel that walks the causal triangle without work lists
 (cuda/kernels/dense_kl_sm90.cuh, `dense_kl_fwd`). Paged caches: `paged_select_blocks` scans
 the paged index keys with the top-k fused, split over the sequence
 (cuda/kernels/paged_indexer_sm90.cuh); msa_jax/paged_scan.py, shared with pallas, plans the
-split and merges the lists. The paged attention has no CUDA kernel yet.
+split and merges the lists. The paged attention has no CUDA kernel yet: `paged_sparse_attention`
+(the decode step) runs that scan, then Pallas's paged attention kernel; the attention alone
+(`paged_block_sparse_attention`) is not served.
 """
 
 from __future__ import annotations
@@ -30,7 +32,12 @@ from .kv_outer import partials as kv_partials, worklist
 from .kv_outer.worklist import dense_indices
 
 # Ops with a CUDA kernel in them; cuda/include/msa/launch.h and the handlers say the same.
-SERVED_OPS = ("select_blocks", "block_sparse_attention", "sparse_attention", "index_kl_loss", "paged_select_blocks")
+SERVED_OPS = ("select_blocks", "block_sparse_attention", "sparse_attention", "index_kl_loss", "paged_select_blocks",
+              "paged_sparse_attention")
+# Ops whose main branch is Pallas's kernel (no CUDA one yet): the decode step's paged attention.
+_PALLAS_MAIN_OPS = ("paged_sparse_attention",)
+# Ops that run one of the indexers (top_k <= _MAX_TOP_K).
+_SELECTING_OPS = ("select_blocks", "sparse_attention", "paged_select_blocks", "paged_sparse_attention")
 # Ops that read only the index branch: q's head dim, dtype and G do not apply to them.
 _INDEX_ONLY_OPS = ("select_blocks", "paged_select_blocks")
 _INDEX_HEAD_DIMS = (64, 128)
@@ -81,9 +88,13 @@ class CudaImplementation(Implementation):
                 return f"index dtype {call.index_dtype} not in {_DTYPES}"
             if call.index_head_dim not in _INDEX_HEAD_DIMS:
                 return f"index head dim Di={call.index_head_dim} not in {_INDEX_HEAD_DIMS}"
-        if call.op in ("select_blocks", "sparse_attention", "paged_select_blocks") and call.config.top_k > _MAX_TOP_K:
+        if call.op in _SELECTING_OPS and call.config.top_k > _MAX_TOP_K:
             return f"top_k={call.config.top_k} > {_MAX_TOP_K}"
-        if call.op not in _INDEX_ONLY_OPS:
+        if call.op in _PALLAS_MAIN_OPS:
+            reason = dispatch.implementation("pallas").supports(call)
+            if reason is not None:
+                return f"its paged attention is Pallas's kernel, which does not serve this: {reason}"
+        elif call.op not in _INDEX_ONLY_OPS:
             if call.dtype not in _DTYPES:
                 return f"dtype {call.dtype} not in {_DTYPES}"
             if call.head_dim not in _HEAD_DIMS:
@@ -112,6 +123,10 @@ class CudaImplementation(Implementation):
 
         return paged_scan.select(index_q, positions, top_k=cfg.top_k, page_size=cfg.block_size,
                                  max_pages=pages.page_table.shape[1], row_tile=_PAGED_ROW_TILE, scan=scan)
+
+    def paged_attention_fwd(self, q, pages, block_indices, positions, cfg):
+        # No CUDA kernel yet: the decode step's attention is Pallas's (supports() checked it).
+        return dispatch.implementation("pallas").paged_attention_fwd(q, pages, block_indices, positions, cfg)
 
     def attention_fwd(self, q, k, v, block_indices, positions, cfg):
         ffi.register_targets()

@@ -233,10 +233,17 @@ class PagedSuite:
             assert rel_err(outs[i], want) < 1e-5, i
 
     def test_cuda_falls_through_with_a_reason(self, rng):
-        """No cuda kernel for the paged ops yet: forcing it names why; a list falls through."""
+        """No cuda kernel for the paged attention alone (the decode step runs cuda's scan, then
+        Pallas's attention, on a Hopper GPU only): forcing cuda names why; a list falls through."""
         case = PagedCase(1, (40, 20))
         arrays, kw, _, _ = build(rng, case)
-        with pytest.raises(NotImplementedError, match="cuda: .*paged_sparse_attention"):
+        with pytest.raises(NotImplementedError, match="cuda: no CUDA kernel for paged_block_sparse_attention"):
+            msa_jax.paged_block_sparse_attention(arrays["q"], arrays["k_pages"], arrays["v_pages"],
+                                                 jnp.zeros(arrays["q"].shape[:2] + (arrays["k_pages"].shape[2], 1),
+                                                           jnp.int32), implementation="cuda", **kw)
+        if jax.default_backend() == "gpu":
+            return  # cuda serves the step there (tests/test_cuda_paged.py)
+        with pytest.raises(NotImplementedError, match="cuda: needs a CUDA GPU"):
             step(arrays, kw, case, "cuda")
         res = step(arrays, kw, case, ("cuda", self.implementation))
         want = step(arrays, kw, case, self.implementation)

@@ -1,8 +1,9 @@
 """The `cuda` implementation of paged_select_blocks (issue #15): the SM90 paged index scan.
 
 Everywhere (CPU included): `supports` serves paged_select_blocks on the shapes the kernel is
-built for and names the reason for the others (and still none for the paged attention);
-without a GPU the dispatcher falls through. The glue around the kernel (msa_jax/cuda.py and
+built for and names the reason for the others; it serves the decode step
+(paged_sparse_attention: this scan, then Pallas's paged attention) where Pallas's attention
+serves it too, and not the paged attention alone; without a GPU the dispatcher falls through. The glue around the kernel (msa_jax/cuda.py and
 msa_jax/paged_scan.py: positions to local pages, the split plan, the merge of the per-split
 lists, the local page appended) runs here with the FFI call replaced by a jnp emulation of the
 contract cuda/include/msa/params.h states for it (PagedIndexerParams), against the float64
@@ -71,8 +72,15 @@ def test_supports_paged_select_blocks(monkeypatch):
     assert "Di=96" in impl.supports(_call(index_head_dim=96))
     assert "block_size=64" in impl.supports(_call(config=dict(block_size=64)))  # the page size
     assert "top_k=33" in impl.supports(_call(config=dict(top_k=33)))
-    for op in ("paged_sparse_attention", "paged_block_sparse_attention"):
-        assert f"no CUDA kernel for {op}" in impl.supports(_call(op=op))
+    assert "no CUDA kernel for paged_block_sparse_attention" in impl.supports(_call(op="paged_block_sparse_attention"))
+    # The decode step: this scan's limits, then those of Pallas's paged attention (on a Hopper GPU).
+    monkeypatch.setattr(msa_jax.pallas, "_min_compute_capability", lambda: (9, 0))
+    step = dict(op="paged_sparse_attention", head_dim=128, num_q_heads=64)
+    for cache in ("bfloat16", "float8_e4m3fn"):
+        assert impl.supports(_call(**step, kv_cache_dtype=cache, index_cache_dtype=cache)) is None
+    assert "top_k=33" in impl.supports(_call(**step, config=dict(top_k=33)))
+    reason = impl.supports(_call(**step | dict(head_dim=96)))
+    assert "its paged attention is Pallas's kernel" in reason and "D=96" in reason
     assert "needs a CUDA GPU" in impl.supports(_call(platform="cpu"))
 
 
@@ -198,3 +206,36 @@ def test_default_on_hopper_is_the_cuda_kernel(rng):
     text = jax.jit(lambda iq, ik, kw: msa_jax.paged_select_blocks(iq, ik, top_k=16, **kw)).lower(
         arrays["index_q"], arrays["index_k_pages"], kw).as_text()
     assert f"@{ops.PAGED_INDEX_SCAN}" in text  # the FFI target (Pallas's Triton call has another)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_decode_step_matches_reference(rng, fp8):
+    """paged_sparse_attention through `cuda` (this scan, then Pallas's paged attention) against
+    `xla`'s: the selection (rows may differ only at near-ties, which test_matches_reference
+    checks; here at most one in ten), and the output and lse against `xla`'s attention over the
+    pages cuda selected; ragged rows, T 1 and 8."""
+    page, Hkv, G, D, Di, K = 128, 2, 4, 128, 128, 16
+    for T, lengths in ((1, (9000, 3000, 129)), (8, (5000, 700))):
+        B = len(lengths)
+        table, P = msa_jax.make_page_table(np.asarray(lengths), page, permutation=rng.permutation(
+            sum(-(-n // page) for n in lengths)))
+        normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)  # noqa: E731
+        k, v, ik = normal(P, page, Hkv, D), normal(P, page, Hkv, D), normal(P, page, Di)
+        scales = dict(k_scale=None, v_scale=None, index_k_scale=None)
+        if fp8:
+            (k, scales["k_scale"]), (v, scales["v_scale"]) = msa_jax.quantize_fp8(k), msa_jax.quantize_fp8(v)
+            ik, scales["index_k_scale"] = msa_jax.quantize_fp8(ik)
+        q, iq = normal(B, T, Hkv * G, D), normal(B, T, Hkv, Di)
+        run = lambda impl: msa_jax.paged_sparse_attention(  # noqa: E731
+            q, k, v, iq, ik, page_table=jnp.asarray(table), kv_length=np.asarray(lengths, np.int32), top_k=K,
+            implementation=impl, **scales)
+        got, want = run("cuda"), run("xla")
+        same = np.all(np.asarray(got.block_indices) == np.asarray(want.block_indices), axis=-1)
+        assert same.mean() >= 0.9, f"{same.mean():.0%} of rows select as xla does"
+        out, lse = msa_jax.paged_block_sparse_attention(
+            q, k, v, got.block_indices, page_table=jnp.asarray(table), kv_length=np.asarray(lengths, np.int32),
+            k_scale=scales["k_scale"], v_scale=scales["v_scale"], return_lse=True, implementation="xla")
+        np.testing.assert_allclose(np.asarray(got.out, np.float32), np.asarray(out, np.float32), atol=2e-2, rtol=2e-2)
+        np.testing.assert_allclose(np.asarray(got.lse), np.asarray(lse), atol=1e-3, rtol=1e-3)
