@@ -33,7 +33,8 @@ import oracle
 from msa_jax import cuda as cuda_impl
 from msa_jax import dispatch, paged_scan
 from msa_jax.ffi import ops
-from paged_conformance import PAGED_CASES, PagedCase, build
+from conformance import assert_lse_close, out_tol, rel_err
+from paged_conformance import PAGED_CASES, PagedCase, build, step
 from selection_check import block_scores, check_selection, query_blocks
 from test_cuda import MIN_EXACT_ROWS, TIE_TOL, requires_gpu
 
@@ -136,6 +137,23 @@ def test_glue_around_emulated_scan(rng, monkeypatch, case, target):
     got = _select(arrays, kw, case.top_k, "cuda")
     want = oracle.select_blocks(x64["index_q"], x64["index_k"], top_k=case.top_k, block_size=case.page, **okw)
     np.testing.assert_array_equal(np.asarray(got), want)
+
+
+@pytest.mark.parametrize("case", [PagedCase(1, (70, 33), Hkv=2), PagedCase(8, (90, 41), Hkv=2, kv_fp8=True,
+                                                                         index_fp8=True)], ids=str)
+def test_decode_step_glue_around_emulated_scan(rng, monkeypatch, case):
+    """paged_sparse_attention(implementation="cuda") with the scan emulated: its selection, then
+    Pallas's paged attention (interpret mode here), against the float64 oracle."""
+    monkeypatch.setattr(dispatch.implementation("cuda"), "supports", lambda call: None)
+    monkeypatch.setattr(cuda_impl.ffi, "register_targets", lambda: True)
+    monkeypatch.setattr(ops, "paged_index_scan", _emulated_scan)
+    arrays, kw, x64, okw = build(rng, case)
+    res = step(arrays, kw, case, "cuda")
+    want_bi = oracle.select_blocks(x64["index_q"], x64["index_k"], top_k=case.top_k, block_size=case.page, **okw)
+    want_out, want_lse = oracle.attention(x64["q"], x64["k"], x64["v"], want_bi, block_size=case.page, **okw)
+    np.testing.assert_array_equal(np.asarray(res.block_indices), want_bi)
+    assert rel_err(res.out, want_out) < out_tol(case.dtype)
+    assert_lse_close(res.lse, want_lse, 1e-4)
 
 
 # ---- on the GPU --------------------------------------------------------------------------------
