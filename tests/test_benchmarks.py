@@ -237,3 +237,32 @@ def test_context_parallel_bench(tmp_path):
         for d in (4, 1):  # no CUDA kernels on CPU: recorded, not raised
             cuda = cases[(d, "cuda", op)]
             assert cuda["status"] == "error" and "NotImplementedError" in cuda["error"]
+
+
+def test_ncu_stalls_places_barrier_waits(tmp_path):
+    """ncu_stalls.py on a hand-written source page: totals, and each mbarrier's waits summed
+    from its TRYWAIT to the branch after it (the retry loop's NANOSLEEP included)."""
+    ncu_stalls = _load("ncu_stalls")
+    header = ["Address", "Source", ncu_stalls.SAMPLES, "stall_long_sb", "stall_wait", "stall_long_sb (Not Issued)"]
+    rows = [
+        ("0x0", "SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR5+0x100], R3", 2, 0, 2),
+        ("0x10", "IMAD.SHL.U32 R2, R2, 0x80, RZ", 3, 0, 3),
+        ("0x20", "@!P0  BRA 0x90", 40, 40, 0),
+        ("0x30", "FFMA R1, R2, R3, R4", 5, 0, 5),
+        ("0x40", "SYNCS.PHASECHK.TRANS64.TRYWAIT P1, [R7+URZ+0x120], R3", 0, 0, 0),
+        ("0x50", "@!P1  NANOSLEEP.SYNCS 0x989680", 30, 30, 0),
+        ("0x60", "@!P1  BRA 0x40", 1, 1, 0),
+    ]
+    path = tmp_path / "source.csv"
+    with open(path, "w") as f:
+        f.write('"Kernel Name","kl_grad_kernel",\n')
+        f.write(",".join(f'"{h}"' for h in header) + "\n")
+        for r in rows:
+            f.write(",".join(f'"{v}"' for v in (*r, 0)) + "\n")
+    text = ncu_stalls.summarise(*ncu_stalls.read(str(path)), top=2)
+    assert text.startswith("81 warp-stall samples over 7 SASS instructions")
+    assert "long_sb 87.7%, wait 12.3%" in text
+    assert "[0x100]        45 55.6%" in text  # 2 + 3 + 40
+    assert "[0x120]        31 38.3%" in text  # 0 + 30 + 1
+    top = text.split("top 2 instructions:\n")[1].splitlines()
+    assert [line.split()[0] for line in top] == ["2", "5"]
