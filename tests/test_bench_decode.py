@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import jax
 import jax.numpy as jnp
@@ -90,3 +91,23 @@ def test_decode_table_rows_from_a_gpu_run(tmp_path):
     assert (f"| NVIDIA H100 80GB HBM3 | tiny | 2 | 64 | xla | decode_step | fp8 | {step['median_s'] * 1e3:.3f} "
             f"| {step['gb_per_s']:.0f} | {step['speedup_vs_dense']:.2f}x |") in text
     assert text.count("| NVIDIA H100 80GB HBM3 |") == 1 + 3 * 2 and "`decode-gpu.json`" in text
+
+
+def test_plot_has_a_decode_panel(tmp_path):
+    """plot.py's decode bars: the GPU runs' decode step and index scan per (B, N), each bar the
+    record's speed-up over dense decode; a CPU run alone gives nothing to plot."""
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install -e '.[bench]')")
+    plot = _load("plot")
+    out = tmp_path / "decode.json"
+    run = bench_decode.main(["--config", "tiny", "--cases", "2:64", "--impl", "xla", "--repeats", "2",
+                             "--warmup", "0", "--out", str(out)])
+    assert plot.main([str(out), "-o", str(tmp_path / "none.png")]) == 1
+    gpu = tmp_path / "decode-gpu.json"
+    gpu.write_text(json.dumps(dict(run, backend="gpu", device="GPU X")))
+    bars = plot.decode_bars(readme_table.load_decode_runs([out, gpu]))
+    want = {f"xla {c['op']} {c['kv_dtype']}": c["speedup_vs_dense"] for c in run["cases"]
+            if c["op"] in ("decode_step", "index_scan")}
+    assert bars == {("GPU X", "tiny"): {(2, 64): want}} and len(want) == 4
+    png = tmp_path / "speedup.png"
+    assert plot.main([str(gpu), "-o", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
