@@ -66,8 +66,9 @@ def _call(op="select_blocks", **overrides):
 def test_cuda_is_registered_and_explains_itself():
     impl = dispatch._REGISTRY["cuda"]
     assert isinstance(impl, cuda_impl.CudaImplementation)
-    assert "no CUDA kernel for paged" in impl.supports(_call("paged_sparse_attention"))
-    for op in ("select_blocks", "sparse_attention", "block_sparse_attention", "index_kl_loss"):
+    assert "no CUDA kernel for paged" in impl.supports(_call("paged_block_sparse_attention"))
+    for op in ("select_blocks", "sparse_attention", "block_sparse_attention", "index_kl_loss", "paged_select_blocks",
+               "paged_sparse_attention"):
         assert "no CUDA kernel" not in (impl.supports(_call(op)) or "")
     assert "needs a CUDA GPU" in impl.supports(_call(platform="cpu"))
 
