@@ -46,18 +46,26 @@ def load_runs(paths) -> list[tuple[Path, dict]]:
     return _runs_with(paths, "schema_version")
 
 
-def latest_cases(runs) -> dict[tuple, tuple[Path, dict, dict]]:
-    """(device, config, n, impl, op, baseline) -> (path, run, case) of the newest successful case.
-    A case with a "stale" reason (code measured there was not kept) never counts."""
+def newest_ok(runs, key) -> dict[tuple, tuple[Path, dict, dict]]:
+    """key(run, case) -> (path, run, case) of the newest successful case, runs by date. A case
+    with a "stale" reason (code measured there was not kept) never counts."""
     latest = {}
     for path, run in sorted(runs, key=lambda item: item[1]["date"]):
         for case in run["cases"]:
             if case["status"] == "ok" and not case.get("stale"):
-                # Runs with deterministic=True (bench.py --deterministic) are their own rows.
-                impl = case["impl"] + (" det." if run["settings"].get("deterministic") and not case["baseline"] else "")
-                key = (run["device"], case["config"], case["n"], impl, case["op"], case["baseline"])
-                latest[key] = (path, run, case)
+                latest[key(run, case)] = (path, run, case)
     return latest
+
+
+def _train_key(run, case):
+    # Runs with deterministic=True (bench.py --deterministic) are their own rows.
+    impl = case["impl"] + (" det." if run["settings"].get("deterministic") and not case["baseline"] else "")
+    return (run["device"], case["config"], case["n"], impl, case["op"], case["baseline"])
+
+
+def latest_cases(runs) -> dict[tuple, tuple[Path, dict, dict]]:
+    """(device, config, n, impl, op, baseline) -> (path, run, case) of the newest successful case."""
+    return newest_ok(runs, _train_key)
 
 
 def n_label(n: int) -> str:
@@ -129,13 +137,8 @@ def load_decode_runs(paths) -> list[tuple[Path, dict]]:
 def latest_decode_cases(runs) -> dict[tuple, tuple[Path, dict, dict]]:
     """(device, config, batch, n, impl, op, kv_dtype) -> (path, run, case) of the newest
     successful case among the GPU runs."""
-    latest = {}
-    for path, run in sorted(((p, r) for p, r in runs if r["backend"] == "gpu"), key=lambda item: item[1]["date"]):
-        for case in run["cases"]:
-            if case["status"] == "ok" and not case.get("stale"):
-                key = (run["device"], run["config"], case["batch"], case["n"], case["impl"], case["op"], case["kv_dtype"])
-                latest[key] = (path, run, case)
-    return latest
+    return newest_ok([(p, r) for p, r in runs if r["backend"] == "gpu"], lambda run, case: (
+        run["device"], run["config"], case["batch"], case["n"], case["impl"], case["op"], case["kv_dtype"]))
 
 
 def render_decode(runs) -> str:
